@@ -30,6 +30,8 @@ BYTE_SPEC = "byte"
 # Files whose presence marks a Hugging Face tokenizer directory.
 TOKENIZER_FILES = ("tokenizer.json", "spiece.model", "tokenizer_config.json", "tokenizer.model",
                    "sentencepiece.bpe.model", "vocab.json")
+# What a tokenizer directory is copied as (convert, export): the marker files + their companions.
+COPIED_FILES = TOKENIZER_FILES + ("special_tokens_map.json", "added_tokens.json", "merges.txt")
 _EXTRA_ID = re.compile(r"^<extra_id_(\d+)>$")
 _SPECIAL_TEXT = re.compile(r"(<extra_id_\d+>|</s>|<pad>|<unk>)")
 
@@ -80,14 +82,15 @@ class Tokenizer:
 
     def encode_batch(self, texts: Sequence[str], *, add_eos: bool = True,
                      max_length: Optional[int] = None, pad_to_max_length: bool = False) -> Encoded:
-        """Encode and right-pad. ``max_length`` truncates (keeping the EOS last when ``add_eos``)."""
+        """Encode prompts with ``encode`` and right-pad. ``max_length`` truncates (keeping the EOS
+        last when ``add_eos``)."""
         if isinstance(texts, str):
             raise TypeError("encode_batch takes a sequence of strings, not one string")
         if max_length is not None and max_length < 1 + int(add_eos):
             raise ValueError(f"{max_length=} leaves no room for text")
         rows = []
-        for ids in self.encode_many(list(texts)):
-            ids = ids.tolist()
+        for text in texts:  # prompts: the same parsing as encode (special-token strings -> ids)
+            ids = self.encode(text)
             if max_length is not None:
                 ids = ids[:max_length - int(add_eos)]
             rows.append(ids + [self.eos_id] * int(add_eos))
@@ -134,6 +137,28 @@ class ByteTokenizer(Tokenizer):
     def fingerprint(self) -> str:
         return f"byte-v1-extra{self._num_extra}"
 
+    def files(self) -> dict[str, bytes]:
+        """``tokenizer_config.json`` + ``special_tokens_map.json`` that make transformers'
+        ``AutoTokenizer`` (4.40+ and 5.x) load a ``ByT5Tokenizer`` with *these* ids.
+
+        ``ByT5Tokenizer`` alone numbers ``<extra_id_i>`` upward (259 + i); an explicit
+        ``added_tokens_decoder`` overrides that in both major versions (``PreTrainedTokenizer``
+        updates its decoder from it after the class's defaults), so every special token,
+        sentinels included, gets the id jt5 trains with. No stripping around specials: jt5's
+        ``encode`` does none.
+        """
+        def added(content):
+            return {"content": content, "lstrip": False, "rstrip": False, "normalized": False,
+                    "single_word": False, "special": True}
+
+        decoder = {str(i): added(self._special_name(i))
+                   for i in [self.pad_id, self.eos_id, self.unk_id, *sorted(self._extra.tolist())]}
+        specials = {"eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>"}
+        cfg = {"tokenizer_class": "ByT5Tokenizer", "extra_ids": self._num_extra,
+               "model_max_length": 1_000_000_000, **specials, "added_tokens_decoder": decoder}
+        return {"tokenizer_config.json": (json.dumps(cfg, indent=2) + "\n").encode(),
+                "special_tokens_map.json": (json.dumps(specials, indent=2) + "\n").encode()}
+
     def encode_array(self, text: str) -> np.ndarray:
         """UTF-8 bytes + 3 as int32 [n]; every character is text (no special-token parsing)."""
         return np.frombuffer(text.encode("utf-8"), np.uint8).astype(np.int32) + self.offset
@@ -162,6 +187,8 @@ class ByteTokenizer(Tokenizer):
         return [self.encode_array(t) for t in texts]
 
     def _special_name(self, i: int) -> str:
+        if i == self.unk_id:
+            return "<unk>"
         if i == self.pad_id:
             return "<pad>"
         if i == self.eos_id:
@@ -227,7 +254,7 @@ class HFTokenizer(Tokenizer):
     def fingerprint(self) -> str:
         h = hashlib.sha256(type(self._tok).__name__.encode())
         for name in sorted(os.listdir(self.directory)):
-            if name in TOKENIZER_FILES or name in ("special_tokens_map.json", "added_tokens.json"):
+            if name in COPIED_FILES:
                 h.update(name.encode())
                 with open(os.path.join(self.directory, name), "rb") as f:
                     h.update(f.read())
@@ -262,6 +289,35 @@ def _byt5_extra_ids(directory: str) -> Optional[int]:
     return int(cfg.get("extra_ids") or 125)
 
 
+def has_tokenizer_files(directory) -> bool:
+    return any(os.path.isfile(os.path.join(directory, f)) for f in TOKENIZER_FILES)
+
+
+def tokenizer_files(spec) -> dict[str, bytes]:
+    """The files (name -> bytes, text and binary) to put next to a model so that it carries
+    its tokenizer: for a byte tokenizer (``"byte"``, a ``ByteTokenizer``, or a directory whose
+    config names ``ByT5Tokenizer``) the files of ``ByteTokenizer.files``, which pin jt5's
+    sentinel ids; for any other tokenizer directory (or ``HFTokenizer``) its files as they are.
+    An empty dict when ``spec`` is a directory without tokenizer files."""
+    if isinstance(spec, ByteTokenizer):
+        return spec.files()
+    if isinstance(spec, HFTokenizer):
+        spec = spec.directory
+    spec = os.fspath(spec)
+    if spec.lower() == BYTE_SPEC:
+        return ByteTokenizer().files()
+    n_extra = _byt5_extra_ids(spec)
+    if n_extra is not None:
+        return ByteTokenizer(extra_ids=n_extra).files()
+    out = {}
+    for name in COPIED_FILES:
+        path = os.path.join(spec, name)
+        if os.path.isfile(path):
+            with open(path, "rb") as f:
+                out[name] = f.read()
+    return out
+
+
 def load_tokenizer(spec) -> Tokenizer:
     """``"byte"`` -> ByteTokenizer; a directory with tokenizer files -> HFTokenizer.
 
@@ -277,8 +333,7 @@ def load_tokenizer(spec) -> Tokenizer:
     if spec.lower() == BYTE_SPEC:
         return ByteTokenizer()
     if os.path.isdir(spec):
-        present = [f for f in TOKENIZER_FILES if os.path.isfile(os.path.join(spec, f))]
-        if not present:
+        if not has_tokenizer_files(spec):
             raise ValueError(f"tokenizer directory {spec!r} holds no tokenizer files "
                              f"(looked for {', '.join(TOKENIZER_FILES)})")
         n_extra = _byt5_extra_ids(spec)

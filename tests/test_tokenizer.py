@@ -6,7 +6,7 @@ import sys
 import numpy as np
 import pytest
 
-from jt5.tokenizer import ByteTokenizer, HFTokenizer, load_tokenizer
+from jt5.tokenizer import ByteTokenizer, HFTokenizer, load_tokenizer, tokenizer_files
 
 TEXTS = ["", "hello world", "héllo wörld ☃", "emoji 😀 and CJK 漢字 and RTL שלום", "tabs\tand\nnewlines\r\n",
          "<extra_id_x> and <s> look special but are text", "\x00\x7f\u00ff\u0100"]
@@ -126,7 +126,7 @@ def test_imports_without_torch_or_transformers():
     assert out.returncode == 0, out.stderr[-2000:]
 
 
-def test_hf_sentencepiece_directory(tmp_path):
+def _spm_dir(tmp_path):
     """A T5-style directory holding only spiece.model + tokenizer_config.json (older checkpoints)."""
     pytest.importorskip("transformers")
     spm = pytest.importorskip("sentencepiece")
@@ -141,6 +141,12 @@ def test_hf_sentencepiece_directory(tmp_path):
     (d / "tokenizer_config.json").write_text(json.dumps(
         {"tokenizer_class": "T5Tokenizer", "extra_ids": 5, "eos_token": "</s>", "pad_token": "<pad>",
          "unk_token": "<unk>"}))
+    return d
+
+
+def test_hf_sentencepiece_directory(tmp_path):
+    spm = pytest.importorskip("sentencepiece")
+    d = _spm_dir(tmp_path)
     tok = load_tokenizer(str(d))
     sp = spm.SentencePieceProcessor(model_file=str(d / "spiece.model"))
     text = "the lazy fox héllo 7 times"
@@ -158,3 +164,63 @@ def test_byte_prompt_special_tokens_become_ids():
     assert tok.decode(ids, skip_special_tokens=False) == "a<extra_id_0>b<extra_id_2></s><extra_id_999>"
     # corpus text is raw bytes: a docstring mentioning "</s>" stays text
     assert tok.encode_many(["</s>"])[0].tolist() == [c + 3 for c in b"</s>"]
+
+
+@pytest.mark.parametrize("kind", ["byte", "hf"])
+def test_encode_batch_parses_special_tokens_like_encode(kind, tmp_path):
+    """Prompts take one path: encode_batch (what `jt5 generate` calls) == encode + EOS."""
+    tok = ByteTokenizer() if kind == "byte" else load_tokenizer(_tiny_hf_dir(tmp_path / "tok"))
+    texts = ["<extra_id_0>x", "a<extra_id_1>b</s>", "plain"]
+    enc = tok.encode_batch(texts)
+    for row, mask, text in zip(enc.input_ids, enc.attention_mask, texts):
+        assert row[mask == 1].tolist() == tok.encode(text, add_eos=True), text
+    if kind == "byte":
+        assert enc.input_ids[0, :3].tolist() == [383, ord("x") + 3, 1]
+
+
+def _write(files, d):
+    d.mkdir()
+    for name, content in files.items():
+        (d / name).write_bytes(content)
+    return d
+
+
+def _assert_auto_tokenizer_agrees(tok, directory):
+    """transformers' AutoTokenizer on ``directory`` gives jt5's id for every special token."""
+    transformers = pytest.importorskip("transformers")
+    auto = transformers.AutoTokenizer.from_pretrained(str(directory))
+    names = {"<pad>": tok.pad_id, "</s>": tok.eos_id, "<unk>": tok.unk_id}
+    names.update({f"<extra_id_{i}>": tok.extra_id(i) for i in range(tok.num_extra_ids)})
+    got = dict(zip(names, auto.convert_tokens_to_ids(list(names))))
+    wrong = {k: (got[k], v) for k, v in names.items() if got[k] != v}
+    assert not wrong, f"AutoTokenizer vs jt5 ids: {dict(list(wrong.items())[:5])}"
+    assert auto.convert_ids_to_tokens(tok.extra_id(0)) == "<extra_id_0>"
+    prompt = "the fox<extra_id_0> héllo<extra_id_1>.</s>"
+    assert auto(prompt, add_special_tokens=False).input_ids == tok.encode(prompt)
+    ids = tok.encode(prompt, add_eos=True)
+    assert auto.decode(ids, skip_special_tokens=True) == tok.decode(ids)
+
+
+def test_exported_byte_tokenizer_has_jt5_sentinel_ids(tmp_path):
+    """ByT5Tokenizer alone numbers <extra_id_i> upward (259 + i); the export pins 383 - i."""
+    tok = ByteTokenizer()
+    d = _write(tokenizer_files("byte"), tmp_path / "export")
+    _assert_auto_tokenizer_agrees(tok, d)
+    assert isinstance(load_tokenizer(str(d)), ByteTokenizer)
+    # an export written before the fix (no added_tokens_decoder) is rewritten when copied on
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "ByT5Tokenizer", "extra_ids": 125, "eos_token": "</s>"}))
+    _assert_auto_tokenizer_agrees(tok, _write(tokenizer_files(str(old)), tmp_path / "recopied"))
+    small = ByteTokenizer(extra_ids=7)  # another sentinel count keeps the convention too
+    _assert_auto_tokenizer_agrees(small, _write(small.files(), tmp_path / "small"))
+
+
+def test_exported_sentencepiece_tokenizer_agrees_with_jt5(tmp_path):
+    src = _spm_dir(tmp_path)
+    files = tokenizer_files(str(src))
+    assert files["spiece.model"] == (src / "spiece.model").read_bytes()  # binary files too
+    d = _write(files, tmp_path / "export")
+    _assert_auto_tokenizer_agrees(load_tokenizer(str(src)), d)
+    assert load_tokenizer(str(d)).extra_ids.tolist() == load_tokenizer(str(src)).extra_ids.tolist()
