@@ -36,7 +36,7 @@ _HF_DEFAULTS = {
 _COMMON_DEFAULTS = dict(relative_attention_num_buckets=32, relative_attention_max_distance=128,
                         layer_norm_epsilon=1e-6, pad_token_id=0, eos_token_id=1,
                         decoder_start_token_id=0, num_decoder_layers=None)
-# transformers v4's tie_word_embeddings default per model type (it also decided the scaling).
+# transformers v4's tie_word_embeddings default per model type (v4 also decided the scaling by it).
 _V4_TIE_DEFAULT = {"t5": True, "mt5": False, "umt5": True}
 
 
@@ -47,23 +47,35 @@ class Rule(NamedTuple):
     shape: tuple        # jt5 shape
 
 
+def _writer_major(raw: Mapping) -> int:
+    """Major version of the transformers that wrote ``raw`` (its ``transformers_version``; 4 if
+    absent: files from before v5 and hand-written ones)."""
+    head = str(raw.get("transformers_version", "4")).split(".")[0]
+    return int(head) if head.isdigit() else 4
+
+
 def _scale_decoder_outputs(raw: Mapping) -> bool:
     """Whether the decoder output is scaled by d_model**-0.5, as the writer of ``raw`` meant it.
 
-    transformers v5 writes ``scale_decoder_outputs`` for T5 and forces ``tie_word_embeddings``
-    to true in every file; v4 used ``tie_word_embeddings`` for both the tying and the scaling.
-    Without the explicit key we reproduce what the version that wrote the file computes:
-    v5 scales T5 unless ``tie_word_embeddings`` is false, never scales mT5, always scales UMT5;
-    v4 scales iff ``tie_word_embeddings`` (default true for t5/umt5, false for mt5).
+    What each writer puts in the file and what it computes from it (checked in the sources of
+    4.57, 5.0, 5.23 and 5.24; tests/test_bridge.py has a case per writer):
+
+    - an explicit ``scale_decoder_outputs`` key (5.x T5; 5.24 UMT5; every jt5 export) is read
+      back as written by every version that has the key;
+    - T5 and UMT5 without the key: v4 scales iff ``tie_word_embeddings`` (default true); v5
+      computes ``tie_word_embeddings is not False`` from the file and forces the tie, so files it
+      writes say ``true``. One rule serves both: scale unless the file says ``false``.
+      (5.0-5.23 scaled UMT5 even when the file said false; 5.24 went back to the rule above,
+      which is also the original t5x UMT5's.)
+    - mT5 without the key: v4 scales iff ``tie_word_embeddings`` (default false); v5 never
+      scales mT5 and writes ``tie_word_embeddings: true``. Only here does the writer's version
+      (the file's own ``transformers_version``) decide.
     """
-    if "scale_decoder_outputs" in raw:
+    if "scale_decoder_outputs" in raw and raw["scale_decoder_outputs"] is not None:
         return bool(raw["scale_decoder_outputs"])
     mt = raw["model_type"]
-    version = str(raw.get("transformers_version", "4"))
-    major = int(version.split(".")[0]) if version.split(".")[0].isdigit() else 4
-    if major >= 5:
-        return {"t5": raw.get("tie_word_embeddings", True) is not False, "mt5": False,
-                "umt5": True}[mt]
+    if mt == "mt5" and _writer_major(raw) >= 5:
+        return False
     return bool(raw.get("tie_word_embeddings", _V4_TIE_DEFAULT[mt]))
 
 

@@ -79,28 +79,55 @@ def build(variant: str, path, *, style: str = "v4", seed: int = 0):
     return Model.from_pretrained(path).eval()
 
 
-def hf_reference_logits(model, variant: str, input_ids, attention_mask, decoder_input_ids,
-                        decoder_attention_mask=None):
-    """Logits as the original model defines them.
+def original_scaling(variant: str) -> bool:
+    """Whether the variant's original model scales the decoder output by d_model**-0.5 before its
+    head: the tied-head models (T5 v1.0, a tied UMT5); never an untied head (t5x)."""
+    return not VARIANTS[variant][2]
 
-    transformers v5 scales UMT5's decoder output by d_model**-0.5 even when the checkpoint's
-    ``tie_word_embeddings`` is false (v4 and the original t5x UMT5 do not); jt5 follows the
-    original, so for such checkpoints the reference undoes that one scalar factor.
+
+def applied_scaling(model, logits, decoder_hidden) -> bool:
+    """Which scaling transformers applied, read off its own computation: its logits against its
+    own head on its own decoder output, with and without the factor. Raises if neither fits."""
+    import torch
+
+    with torch.no_grad():
+        plain = torch.nn.functional.linear(decoder_hidden, model.lm_head.weight).float().numpy()
+    scaled = plain * model.config.d_model ** -0.5
+    err = {s: float(np.max(np.abs(logits - ref)) / max(float(np.max(np.abs(ref))), 1e-30))
+           for s, ref in ((False, plain), (True, scaled))}
+    best = min(err, key=err.get)
+    if not (err[best] < 0.05 and err[not best] > 0.5):  # the factor is >= 2 for d_model >= 4
+        raise AssertionError(f"transformers' logits match neither the scaled nor the unscaled head "
+                             f"(relative errors {err}): the oracle cannot tell what it computed")
+    return best
+
+
+def hf_reference_logits(model, variant_or_scaled, input_ids, attention_mask, decoder_input_ids,
+                        decoder_attention_mask=None):
+    """transformers' logits, with the decoder-output scaling the checkpoint means.
+
+    ``variant_or_scaled``: a variant name (its original model's scaling, ``original_scaling``) or
+    the scaling as a bool. Versions of transformers disagree on that one scalar for some files
+    (5.0-5.23 scale an untied UMT5, v4, 5.24 and t5x do not), so the oracle decides what the
+    installed transformers did from its own outputs (``applied_scaling``), not from its version
+    number, and converts by the exact factor if that differs; everything else is transformers'.
     """
     import torch
-    import transformers
 
+    want = (original_scaling(variant_or_scaled) if isinstance(variant_or_scaled, str)
+            else bool(variant_or_scaled))
     with torch.no_grad():
         out = model(input_ids=torch.as_tensor(input_ids),
                     attention_mask=torch.as_tensor(attention_mask),
                     decoder_input_ids=torch.as_tensor(decoder_input_ids),
                     decoder_attention_mask=(None if decoder_attention_mask is None
-                                            else torch.as_tensor(decoder_attention_mask)))
+                                            else torch.as_tensor(decoder_attention_mask)),
+                    output_hidden_states=True)
     logits = out.logits.float().numpy()
-    model_type, _, untied = VARIANTS[variant]
-    v5 = int(transformers.__version__.split(".")[0]) >= 5
-    if model_type == "umt5" and untied and v5:
-        logits = logits / model.config.d_model ** -0.5
+    got = applied_scaling(model, logits, out.decoder_hidden_states[-1])
+    if got != want:
+        factor = model.config.d_model ** -0.5
+        logits = logits * factor if want else logits / factor
     return logits
 
 

@@ -51,8 +51,13 @@ def test_bfloat16_checkpoint_round_trip(tmp_path):
     assert all(back[k].tobytes() == sd[k].tobytes() for k in sd)
 
 
-@pytest.mark.parametrize("name", ["t5-v1_0", "t5-v1_1", "mt5", "umt5-tied", "odd-shapes"])
-@pytest.mark.parametrize("style", ["hf", "v4"])
+# An untied UMT5 written by transformers 5.0-5.23 itself means "scaled" (that is what those
+# versions compute from it), unlike the original model: it is exported from a v4-style file only.
+EXPORT_CASES = [(n, s) for n in ("t5-v1_0", "t5-v1_1", "mt5", "umt5-tied", "odd-shapes")
+                for s in ("hf", "v4")] + [("umt5", "v4")]
+
+
+@pytest.mark.parametrize("name,style", EXPORT_CASES, ids=[f"{n}-{s}" for n, s in EXPORT_CASES])
 def test_save_pretrained_loads_in_transformers_with_same_logits(name, style, tmp_path):
     """jt5 -> HF directory -> transformers' from_pretrained gives jt5's logits."""
     src, dst = tmp_path / "src", tmp_path / "dst"
@@ -103,25 +108,67 @@ def test_sharded_safetensors_and_pytorch_bin(tmp_path):
         np.testing.assert_array_equal(m(jnp.asarray(ids), jnp.asarray(dec), jnp.asarray(mask)), ref)
 
 
-def test_config_semantics_v4_and_v5():
-    base = dict(model_type="t5", d_model=8, num_heads=2, d_kv=4)
-    # v4 file, tie key absent: T5 v1.0 semantics (scaled); explicit false: v1.1
-    assert config_from_hf(base, has_lm_head=False).scale_decoder_outputs
-    assert not config_from_hf({**base, "tie_word_embeddings": False}, has_lm_head=True).scale_decoder_outputs
-    # v5 writes tie=true always plus scale_decoder_outputs
-    v5 = {**base, "tie_word_embeddings": True, "scale_decoder_outputs": False,
-          "transformers_version": "5.0.0"}
-    c = config_from_hf(v5, has_lm_head=False)
-    assert not c.scale_decoder_outputs and c.tie_word_embeddings
-    # mT5: v5 never scales; v4 scales only if tied
-    mt = dict(base, model_type="mt5")
-    assert not config_from_hf({**mt, "tie_word_embeddings": True, "transformers_version": "5.1"},
-                              has_lm_head=False).scale_decoder_outputs
-    assert config_from_hf({**mt, "tie_word_embeddings": True}, has_lm_head=False).scale_decoder_outputs
-    assert not config_from_hf(mt, has_lm_head=True).scale_decoder_outputs
-    # UMT5 per-layer bias tables
+# What each transformers version writes into config.json for each family (read off its
+# configuration/modeling sources and its save_pretrained), and the decoder-output scaling that
+# version computes from that file. jt5 must read every such file as its writer meant it.
+_BASE = dict(d_model=8, num_heads=2, d_kv=4)
+WRITERS = [
+    # (writer, model_type, keys the writer puts in config.json, the writer's scaling)
+    ("4.46 T5 v1.0", "t5", {}, True),                                   # tie key left at default
+    ("4.46 T5 v1.0", "t5", {"tie_word_embeddings": True}, True),
+    ("4.46 T5 v1.1/Flan", "t5", {"tie_word_embeddings": False}, False),
+    ("4.46 mT5", "mt5", {"tie_word_embeddings": False}, False),
+    ("4.46 mT5", "mt5", {}, False),                                     # v4 default: untied
+    ("4.46 mT5 tied", "mt5", {"tie_word_embeddings": True}, True),
+    ("4.46 UMT5", "umt5", {"tie_word_embeddings": False}, False),
+    ("4.46 UMT5 tied", "umt5", {}, True),
+    ("5.0 T5 v1.0", "t5", {"tie_word_embeddings": True, "scale_decoder_outputs": True}, True),
+    ("5.0 T5 v1.1", "t5", {"tie_word_embeddings": True, "scale_decoder_outputs": False}, False),
+    ("5.23 T5 v1.1", "t5", {"tie_word_embeddings": True, "scale_decoder_outputs": False}, False),
+    ("5.0 mT5", "mt5", {"tie_word_embeddings": True}, False),           # v5 never scales mT5
+    ("5.23 mT5", "mt5", {"tie_word_embeddings": True}, False),
+    ("5.24 mT5", "mt5", {"tie_word_embeddings": True}, False),
+    ("5.0 UMT5", "umt5", {"tie_word_embeddings": True}, True),          # 5.0-5.23 always scale
+    ("5.23 UMT5", "umt5", {"tie_word_embeddings": True}, True),
+    ("5.24 UMT5", "umt5", {"tie_word_embeddings": True, "scale_decoder_outputs": False}, False),
+    ("5.24 UMT5 tied", "umt5", {"tie_word_embeddings": True, "scale_decoder_outputs": True}, True),
+    ("5.24 T5 v1.1", "t5", {"tie_word_embeddings": True, "scale_decoder_outputs": False}, False),
+    ("jt5 export", "mt5", {"tie_word_embeddings": False, "scale_decoder_outputs": False}, False),
+]
+
+
+@pytest.mark.parametrize("writer,model_type,keys,scaled", WRITERS,
+                         ids=[f"{w}-{sorted(k.items())}" for w, _, k, _ in WRITERS])
+def test_config_scaling_per_writer_version(writer, model_type, keys, scaled):
+    version = writer.split()[0]
+    raw = {**_BASE, "model_type": model_type, **keys}
+    if version != "jt5":
+        raw["transformers_version"] = version + ".0"
+    c = config_from_hf(raw, has_lm_head=True)
+    assert c.scale_decoder_outputs is scaled, (writer, raw)
+
+
+def test_config_scaling_of_installed_transformers_own_files(tmp_path):
+    """Whatever transformers is installed: a file it writes reads back with the scaling it
+    computes itself (detected from its logits, not from its version)."""
+    for name in ("t5-v1_0", "t5-v1_1", "mt5", "umt5", "umt5-tied"):
+        hf = hf_models.build(name, tmp_path / name, style="hf")
+        ids, mask, dec = hf_models.inputs(hf.config.vocab_size, batch=2)
+        import torch
+        with torch.no_grad():
+            out = hf(input_ids=torch.as_tensor(ids), attention_mask=torch.as_tensor(mask),
+                     decoder_input_ids=torch.as_tensor(dec), output_hidden_states=True)
+        applied = hf_models.applied_scaling(hf, out.logits.numpy(), out.decoder_hidden_states[-1])
+        c = config_from_hf(read_config(tmp_path / name), has_lm_head=True)
+        assert c.scale_decoder_outputs is applied, name
+
+
+def test_config_other_fields():
+    base = {**_BASE, "model_type": "t5"}
     assert config_from_hf(dict(base, model_type="umt5"), has_lm_head=True).relative_bias_per_layer
     assert config_from_hf({**base, "eos_token_id": [1, 5]}, has_lm_head=True).eos_token_id == 1
+    assert config_from_hf(base, has_lm_head=False).tie_word_embeddings
+    assert not config_from_hf(base, has_lm_head=True).tie_word_embeddings
 
 
 # -- bad inputs -------------------------------------------------------------------------------
@@ -247,3 +294,35 @@ def test_nnx_state_paths_match_keymap():
         paths = {p for p, _ in nnx.to_flat_state(nnx.state(model, nnx.Param))}
         mapped = [r.jt5 for r in rules(cfg)]
         assert len(mapped) == len(set(mapped)) and set(mapped) == paths, name
+
+
+def _load_warnings(Model, path) -> set:
+    """The warnings transformers logs while loading ``path`` (message prefixes, paths removed)."""
+    import logging
+
+    records = []
+    handler = logging.Handler()
+    handler.emit = lambda r: records.append(r.getMessage().replace(str(path), "<dir>")[:80])
+    logger = logging.getLogger("transformers")
+    logger.addHandler(handler)
+    try:
+        Model.from_pretrained(path)
+    finally:
+        logger.removeHandler(handler)
+    return set(records)
+
+
+@pytest.mark.parametrize("name", ["t5-v1_0", "t5-v1_1", "umt5"])
+def test_export_loads_as_quietly_as_transformers_own_save(name, tmp_path):
+    """A jt5 export warns in transformers no more than transformers' own save of the same model.
+
+    (transformers 5.x forces ``tie_word_embeddings`` to true for the T5 family and warns that
+    ``lm_head.weight`` and ``shared.weight`` differ for every untied checkpoint, its own saves
+    included; no config.json can silence that, so the bar is transformers' own file.)"""
+    hf = hf_models.build(name, tmp_path / "v4", style="v4")
+    hf.save_pretrained(tmp_path / "theirs")
+    jt5.T5ForConditionalGeneration.from_pretrained(tmp_path / "v4", attention="xla").save_pretrained(
+        tmp_path / "ours")
+    _, Model, _ = hf_models.hf_classes(hf_models.VARIANTS[name][0])
+    ours, theirs = _load_warnings(Model, tmp_path / "ours"), _load_warnings(Model, tmp_path / "theirs")
+    assert ours <= theirs, f"warnings only jt5's export causes: {ours - theirs}"
