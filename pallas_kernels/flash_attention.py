@@ -95,14 +95,31 @@ class _Static:
     kv_len: int            # true key length; padded keys beyond it are masked
     interpret: bool
     debug: bool
+    precision: lax.Precision   # of float32 dots (resolve_precision)
 
 
 
-
-def _dot(a, b, *, trans_a=False, trans_b=False):
-    # float32 inputs: full IEEE precision (Triton's default for f32 would be tf32).
-    prec = lax.Precision.HIGHEST if a.dtype == jnp.float32 else None
+def _dot(a, b, st: _Static, *, trans_a=False, trans_b=False):
+    # Only float32 inputs have a choice (tf32 tensor cores or IEEE FMA loops); bf16/f16 dots
+    # run on tensor cores either way.
+    prec = st.precision if a.dtype == jnp.float32 else None
     return plgpu.dot(a, b, trans_a=trans_a, trans_b=trans_b, precision=prec)
+
+
+def resolve_precision(precision, *, interpret: bool) -> lax.Precision:
+    """Precision of the kernels' float32 dots: an explicit ``precision`` (a ``lax.Precision`` or
+    its name), else ``jax.default_matmul_precision`` in effect, else DEFAULT — tf32 tensor cores
+    on a GPU, as XLA's f32 dots there. HIGHEST (or "float32") is IEEE. Interpret mode defaults
+    to HIGHEST: it is the oracle compiled kernels are checked against."""
+    if precision is None:
+        precision = jax.config.jax_default_matmul_precision
+    if precision is None:
+        return lax.Precision.HIGHEST if interpret else lax.Precision.DEFAULT
+    try:
+        return precision if isinstance(precision, lax.Precision) else lax.Precision(precision)
+    except (ValueError, TypeError):
+        raise ValueError(f"precision={precision!r} must be a lax.Precision or one of its names "
+                         "('default', 'high', 'highest', 'float32', ...)") from None
 
 
 # ---------------------------------------------------------------------------- in-kernel pieces
@@ -150,7 +167,7 @@ def _visible(q_pos, k_pos, q_seg, k_seg, st: _Static, pad_keys: bool):
 
 def _scores(q, k, q_pos, k_pos, q_first, k_first, lut_ref, st: _Static, bq: int, bk: int):
     """Scores in the base-2 domain (``log2(e) * (sm_scale q.k + bias)``) and the far flag."""
-    s = _dot(q, k, trans_b=True) * (st.sm_scale * LOG2E)
+    s = _dot(q, k, st, trans_b=True) * (st.sm_scale * LOG2E)
     far = far_idx = None
     if lut_ref is not None:
         far, far_idx = _far(q_first, k_first, block_q=bq, block_k=bk, radius=st.radius)
@@ -202,7 +219,7 @@ def _fwd_kernel(qoff_ref, q_ref, k_ref, v_ref, lut_ref, qseg_ref, kseg_ref, cnt_
         if vis is not None:
             p = jnp.where(vis, p, 0.0)        # rows with nothing visible keep l == 0
         v = v_ref[ks, :]
-        acc = acc * alpha[:, None] + _dot(p.astype(v.dtype), v)
+        acc = acc * alpha[:, None] + _dot(p.astype(v.dtype), v, st)
         return acc, m_new, l * alpha + jnp.sum(p, axis=1)
 
     carry = (jnp.zeros(q.shape, jnp.float32), jnp.full((bq,), -jnp.inf, jnp.float32),
@@ -241,9 +258,9 @@ def _dkv_kernel(qoff_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, lut_r
                            st, pad_keys)
             if vis is not None:
                 p = jnp.where(vis, p, 0.0)
-        dv = dv + _dot(p.astype(do.dtype), do, trans_a=True)
-        ds = p * (_dot(do, v, trans_b=True) - delta_ref[qs][:, None])   # dL/d(score + bias)
-        dk = dk + _dot(ds.astype(q.dtype), q, trans_a=True)
+        dv = dv + _dot(p.astype(do.dtype), do, st, trans_a=True)
+        ds = p * (_dot(do, v, st, trans_b=True) - delta_ref[qs][:, None])   # dL/d(score + bias)
+        dk = dk + _dot(ds.astype(q.dtype), q, st, trans_a=True)
         if db is not None:
             db = _bucket_sums(db, ds, blut_ref, q_pos, k_pos, far, far_idx, st.radius)
         return dk, dv, db
@@ -280,8 +297,8 @@ def _dq_kernel(qoff_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, lut_re
                            st, pad_keys)
             if vis is not None:
                 p = jnp.where(vis, p, 0.0)
-        ds = p * (_dot(do, v_ref[ks, :], trans_b=True) - delta[:, None])
-        return dq + _dot(ds.astype(k.dtype), k)
+        ds = p * (_dot(do, v_ref[ks, :], st, trans_b=True) - delta[:, None])
+        return dq + _dot(ds.astype(k.dtype), k, st)
 
     n_full, n_live = cnt_ref[0], cnt_ref[1]
     dq = lax.fori_loop(0, n_full, functools.partial(step, masked=False),
@@ -446,7 +463,7 @@ def flash_attention(q, k, v, bias_table=None, *, q_segment_ids=None, kv_segment_
                     max_distance: int = 128, local_window: int | None = None,
                     num_global_tokens: int = 0, sm_scale: float = 1.0,
                     block_sizes: BlockSizes | None = None, interpret: bool | None = None,
-                    debug: bool = False) -> jax.Array:
+                    precision=None, debug: bool = False) -> jax.Array:
     """T5 attention ``[B, T, N, H]`` (dtype of q) with the bias computed in-kernel.
 
     Same semantics and arguments as ``reference.attention_reference`` (read its docstring):
@@ -455,6 +472,7 @@ def flash_attention(q, k, v, bias_table=None, *, q_segment_ids=None, kv_segment_
     scalar) is the position of query 0. Differentiable in q, k, v and ``bias_table``. Any
     lengths and head dims (padded internally). ``interpret=None``: Pallas interpret mode
     unless the default backend is a GPU. ``block_sizes=None``: ``tuning.get_block_sizes``.
+    ``precision``: of float32 dots, see ``resolve_precision`` (tf32 on a GPU by default).
     """
     B, T, N, H = q.shape
     S = k.shape[1]
@@ -480,7 +498,8 @@ def flash_attention(q, k, v, bias_table=None, *, q_segment_ids=None, kv_segment_
                  local_window=local_window, num_global_tokens=int(num_global_tokens),
                  bidirectional=bool(bidirectional), num_buckets=num_buckets,
                  max_distance=int(max_distance), radius=radius, kv_len=S,
-                 interpret=bool(interpret), debug=bool(debug))
+                 interpret=bool(interpret), debug=bool(debug),
+                 precision=resolve_precision(precision, interpret=bool(interpret)))
 
     # Pad to block multiples (and H to a power of two >= 16; zero columns change nothing).
     Tp = _round_up(T, max(bs.block_q, bs.block_q_dkv, bs.block_q_dq))

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax import lax
 
 from pallas_kernels.flash_attention import BlockSizes, flash_attention
 from pallas_kernels.tuning import heuristic_block_sizes
@@ -86,11 +87,39 @@ def test_non_power_of_two_block_fails_before_lowering():
         jax.jit(f).trace(q, q, q).lower(lowering_platforms=("cuda",))
 
 
-def test_float32_kernel_dots_use_full_precision():
-    """Triton's default f32 dot is tf32; the 1e-5 table needs IEEE (``Precision.HIGHEST``)."""
+def _kernel_dot_precisions(**kw):
     q = jnp.zeros((1, 64, 1, 64), jnp.float32)
-    grad = jax.grad(lambda *a: flash_attention(*a, interpret=False).sum(), argnums=(0, 1, 2, 3))
+    grad = jax.grad(lambda *a: flash_attention(*a, **kw).sum(), argnums=(0, 1, 2, 3))
     jaxpr = str(jax.make_jaxpr(grad)(q, q, q, jnp.zeros((32, 1), jnp.float32)))
     precisions = re.findall(r"dot_general\[.*?precision=([^\n]*)", jaxpr, flags=re.S)
     assert len(precisions) >= 7, precisions           # fwd 2, dkv 3, dq 2 in-kernel dots
-    assert all(p == "(Precision.HIGHEST, Precision.HIGHEST)" for p in precisions), precisions
+    return set(precisions)
+
+
+HIGHEST = "(Precision.HIGHEST, Precision.HIGHEST)"
+
+
+def test_float32_kernel_dots_follow_jax_matmul_precision():
+    """Compiled f32 dots follow jax's precision: tf32 (DEFAULT) unless "highest" is asked for."""
+    default = _kernel_dot_precisions(interpret=False)
+    assert default == {"(Precision.DEFAULT, Precision.DEFAULT)"}, default
+    with jax.default_matmul_precision("highest"):
+        assert _kernel_dot_precisions(interpret=False) == {HIGHEST}
+    with jax.default_matmul_precision("float32"):
+        assert _kernel_dot_precisions(interpret=False) == {HIGHEST}
+    assert _kernel_dot_precisions(interpret=False, precision="highest") == {HIGHEST}
+    # an explicit argument wins over the context
+    with jax.default_matmul_precision("highest"):
+        assert _kernel_dot_precisions(interpret=False, precision=lax.Precision.DEFAULT) == {
+            "(Precision.DEFAULT, Precision.DEFAULT)"}
+
+
+def test_interpret_mode_keeps_full_precision():
+    """The CPU oracle path (interpret mode) asks for IEEE f32 dots: the 1e-5 tolerances."""
+    assert _kernel_dot_precisions(interpret=True) == {HIGHEST}
+
+
+def test_bad_precision_names_the_value():
+    q = jnp.zeros((1, 16, 1, 16), jnp.float32)
+    with pytest.raises(ValueError, match="precision='tf16'"):
+        flash_attention(q, q, q, precision="tf16", interpret=True)

@@ -197,10 +197,11 @@ def test_compiled_triton_matches_interpret_and_reference(kind, dtype):
     T = S = 640
     q, k, v, table, w = _inputs(T, S, 64, dtype, seed=3)
     kw = _masks(kind, T, S)
-    run = {mode: jax.jit(lambda *a, _i=mode: _value_and_grads(
-        functools.partial(flash_attention, interpret=_i, **kw), *a))(q, k, v, table, w)
-        for mode in (False, True)}
+    # "highest": f32 kernels would otherwise run tf32 dots (jax's GPU default), not the 1e-5 table
     with jax.default_matmul_precision("highest"):
+        run = {mode: jax.jit(lambda *a, _i=mode: _value_and_grads(
+            functools.partial(flash_attention, interpret=_i, **kw), *a))(q, k, v, table, w)
+            for mode in (False, True)}
         ref = jax.jit(lambda *a: _value_and_grads(
             functools.partial(attention_reference, **kw), *a))(q, k, v, table, w)
     for got in run.values():

@@ -64,9 +64,13 @@ def test_shipped_table_is_valid_and_honest():
     data = json.load(open(tuning.TABLE_PATH))
     assert data["entries"], "empty table"
     for key, entry in data["entries"].items():
-        assert entry["source"] in ("heuristic", "measured"), key
+        assert entry["source"] in ("heuristic", "compiled", "measured"), key
         if entry["source"] == "measured":
             assert "fwd_ms" in entry and "fwd_bwd_ms" in entry, key
+        if entry["source"] == "compiled":   # checked on a CPU: spill-free, within smem
+            for part in ("fwd", "bwd"):
+                stats = entry["compile"][part]
+                assert stats["spill_bytes"] == 0 and stats["regs"] <= 255, (key, part, stats)
         BlockSizes(**entry["block_sizes"]).validate()
         kind, h, dtype, causal, t, s = key.split("|")
         assert causal in ("causal", "full") and h.startswith("H") and t.startswith("T")
@@ -78,6 +82,60 @@ def test_candidates_are_valid():
         assert len(cands) > 10 and len(set(cands)) == len(cands)
         for bs in cands:
             bs.validate()
+
+
+def test_shipped_entries_are_in_the_pruned_search_space():
+    """Every unmeasured entry's tiles compiled spill-free (``--prune`` wrote both)."""
+    spaces = tuning.load_search_space()
+    for key, entry in tuning.load_table().items():
+        arch = tuning.arch_of(key.split("|")[0])
+        space = spaces.get(tuning.search_space_key(arch, int(key.split("|")[1][1:]),
+                                                   key.split("|")[2]))
+        if entry["source"] == "measured" or space is None:
+            continue
+        bs = BlockSizes(**entry["block_sizes"])
+        assert list(tuning.fwd_part(bs)) in space["fwd"], key
+        assert list(tuning.bwd_part(bs)) in space["bwd"], key
+
+
+def test_search_space_prunes_candidates(tmp_path):
+    path = str(tmp_path / "table.json")
+    full = tuning.candidates(64, "bfloat16", path=path)      # no search space: everything
+    assert full == tuning.candidates(64, "bfloat16", pruned=False)
+    keep = full[3]
+    tuning.write_search_space(tuning.search_space_key("sm_90a", 64, "bfloat16"),
+                              {"fwd": [list(tuning.fwd_part(keep))],
+                               "bwd": [list(tuning.bwd_part(keep))], "stats": {}}, path)
+    assert tuning.candidates(64, "bfloat16", path=path) == [keep]
+    assert tuning.candidates(64, "bfloat16", arch="sm_80", path=path) == full   # not pruned
+    assert tuning.candidates(64, "float16", path=path) == tuning.candidates(
+        64, "float16", pruned=False)
+    assert "stats" not in json.loads(open(path).read())["search_space"]["sm_90a|H64|bfloat16"]
+
+
+def test_compiled_entries_refuse_a_spilling_heuristic(tmp_path):
+    path = str(tmp_path / "table.json")
+    key = tuning.table_key(H100, 2048, 2048, 64, "bfloat16", False)
+    bs = tuning.heuristic_block_sizes(H100, 2048, 2048, 64, "bfloat16", False)
+    tuning.write_entries({key: {"block_sizes": dataclasses.asdict(bs), "source": "heuristic"}},
+                         path)
+    f, b = list(tuning.fwd_part(bs)), list(tuning.bwd_part(bs))
+    stats = {"fwd:" + ",".join(map(str, f)): {"spill_bytes": 0},
+             "bwd:" + ",".join(map(str, b)): {"spill_bytes": 0}}
+    space = {"fwd": [f], "bwd": [b], "stats": stats, "masks": ["padding"], "triton": "3.9.0",
+             "jax": jax.__version__}
+    (entry,) = tuning.compiled_entries(space, 64, "bfloat16", "sm_90a", path).values()
+    assert entry["source"] == "compiled" and entry["block_sizes"] == dataclasses.asdict(bs)
+    assert tuning.compiled_entries(space, 64, "bfloat16", "sm_80", path) == {}  # an H100 entry
+    with pytest.raises(RuntimeError, match="do not compile spill-free"):
+        tuning.compiled_entries({**space, "fwd": []}, 64, "bfloat16", "sm_90a", path)
+
+
+def test_heuristic_avoids_the_spilling_h64_forward_tile():
+    """128x64 at 4 warps spills under masks on sm_90a (test_compile checks the real thing)."""
+    for dtype in ("bfloat16", "float16"):
+        bs = tuning.heuristic_block_sizes(H100, 4096, 4096, 64, dtype, False)
+        assert (bs.block_q, bs.block_k, bs.num_warps) == (128, 64, 8)
 
 
 @pytest.mark.skipif(jax.default_backend() == "gpu", reason="checks the CPU refusal")
