@@ -3,8 +3,11 @@
 A stack (encoder or decoder) builds a :class:`Plan` once per forward pass — mask, bias spec,
 query offset — and every layer calls :func:`attention` with it. On the XLA path the plan holds the
 dense ``[1, N, T, S]`` bias and ``[B, 1, T, S]`` mask, computed once per stack rather than per
-layer (T5 shares one bias table per stack); on the Pallas path nothing dense is ever built: the
-kernels compute the bias from the ``[K, N]`` table and skip masked blocks from segment ids.
+layer (T5 shares one bias table per stack) — up to ``CHUNKED_MIN_ELEMENTS`` query x key
+positions; above that the XLA path runs ``pallas_kernels.chunked`` (online softmax over query x
+key chunks, memory linear in the length, forward and backward). On the Pallas path nothing dense
+is ever built: the kernels compute the bias from the ``[K, N]`` table and skip masked blocks
+from segment ids.
 
 Semantics of masks, bias and ``q_offset`` are those of ``pallas_kernels/reference.py``.
 """
@@ -21,6 +24,12 @@ from flax import struct
 from pallas_kernels import reference
 
 IMPLS = ("xla", "pallas", "auto")
+# T x S from which the XLA path attends in chunks. Measured on a 2-core CPU (B=1, N=8, H=64,
+# float32, with bias; benchmarks/RESULTS.md "Long inputs"): chunks of 512 are 0.7x the dense
+# time at T=S=512, 1.7x faster at 1024, 2.5x at 2048, 2.8x at 4096 — and the dense path's
+# [B, N, T, S] scores are what stop it at long inputs.
+CHUNKED_MIN_ELEMENTS = 1024 * 1024
+CHUNK = 512
 _INTERPRET = contextvars.ContextVar("jt5_pallas_interpret", default=None)
 
 
@@ -70,7 +79,7 @@ class Plan:
     mask: Mask
     bias: Optional[RelativeBias]
     q_offset: jax.Array | int
-    impl: str = struct.field(pytree_node=False, default="xla")
+    impl: str = struct.field(pytree_node=False, default="xla")  # xla | chunked | pallas
     dense_bias: Optional[jax.Array] = None  # xla only: [1, N, T, S] float32
     dense_mask: Optional[jax.Array] = None  # xla only: [B|1, 1, T, S] bool
 
@@ -85,6 +94,8 @@ def cache_heads_major(impl: str) -> bool:
 def make_plan(*, impl: str, q_len: int, kv_len: int, mask: Mask,
               bias: Optional[RelativeBias] = None, q_offset=0) -> Plan:
     impl = resolve_impl(impl)
+    if impl == "xla" and q_len > 1 and q_len * kv_len >= CHUNKED_MIN_ELEMENTS:
+        impl = "chunked"  # nothing [T, S]-sized: bias and mask are made per chunk
     plan = Plan(mask=mask, bias=None, q_offset=q_offset, impl=impl)
     if impl == "xla":
         plan = plan.replace(dense_mask=reference.dense_mask(
@@ -115,27 +126,24 @@ def attention(q, k, v, plan: Plan, *, kv_heads_major: bool = False):
         return reference.attend_dense(q, k, v, plan.dense_bias, plan.dense_mask,
                                       kv_heads_major=kv_heads_major)
     if kv_heads_major:
-        raise ValueError("the Pallas kernels take K/V as [B, S, N, H], not heads-major")
+        raise ValueError(f"the {plan.impl} attention takes K/V as [B, S, N, H], not heads-major")
     m, b = plan.mask, plan.bias
+    table = None if b is None else b.table
+    kw = dict(q_segment_ids=m.q_segment_ids, kv_segment_ids=m.kv_segment_ids,
+              q_offset=plan.q_offset, causal=m.causal,
+              bidirectional=True if b is None else b.bidirectional,
+              max_distance=128 if b is None else b.max_distance)
+    windows = dict(local_window=m.local_window, num_global_tokens=m.num_global_tokens)
+    if plan.impl == "chunked":
+        from pallas_kernels.chunked import chunked_attention
+        return chunked_attention(q, k, v, table, **kw, **windows, block_q=CHUNK, block_k=CHUNK)
     if q.shape[1] == 1 and m.local_window is None and not m.num_global_tokens:
         # One query row (a decode step): flash-decoding, split-K over the cache.
         from pallas_kernels.decode_attention import decode_attention
-        return decode_attention(
-            q, k, v, None if b is None else b.table,
-            q_segment_ids=m.q_segment_ids, kv_segment_ids=m.kv_segment_ids,
-            q_offset=plan.q_offset, causal=m.causal,
-            bidirectional=True if b is None else b.bidirectional,
-            max_distance=128 if b is None else b.max_distance, interpret=_INTERPRET.get())
+        return decode_attention(q, k, v, table, **kw, interpret=_INTERPRET.get())
     from pallas_kernels import flash_attention  # the kernels import Pallas; load on first use
 
-    return flash_attention(
-        q, k, v, None if b is None else b.table,
-        q_segment_ids=m.q_segment_ids, kv_segment_ids=m.kv_segment_ids,
-        q_offset=plan.q_offset, causal=m.causal,
-        bidirectional=True if b is None else b.bidirectional,
-        max_distance=128 if b is None else b.max_distance,
-        local_window=m.local_window, num_global_tokens=m.num_global_tokens,
-        interpret=_INTERPRET.get())
+    return flash_attention(q, k, v, table, **kw, **windows, interpret=_INTERPRET.get())
 
 
 def segment_ids_from_mask(attention_mask, length: int, batch: int):

@@ -90,10 +90,12 @@ def bucket_lut(*, bidirectional: bool, num_buckets: int, max_distance: int):
 
 
 def dense_bias(table, *, q_len: int, kv_len: int, bidirectional: bool, max_distance: int,
-               q_offset=0):
-    """The full ``[1, N, T, S]`` float32 bias from a ``[K, N]`` bucket table."""
+               q_offset=0, kv_offset=0):
+    """The full ``[1, N, T, S]`` float32 bias from a ``[K, N]`` bucket table.
+
+    ``kv_offset``: position of the first key (a chunk of a longer sequence; see ``chunked``)."""
     q_pos = jnp.arange(q_len, dtype=jnp.int32)[:, None] + jnp.asarray(q_offset, jnp.int32)
-    k_pos = jnp.arange(kv_len, dtype=jnp.int32)[None, :]
+    k_pos = jnp.arange(kv_len, dtype=jnp.int32)[None, :] + jnp.asarray(kv_offset, jnp.int32)
     buckets = relative_position_bucket(k_pos - q_pos, bidirectional=bidirectional,
                                        num_buckets=table.shape[0], max_distance=max_distance)
     return jnp.take(table.astype(jnp.float32), buckets, axis=0).transpose(2, 0, 1)[None]
@@ -101,12 +103,14 @@ def dense_bias(table, *, q_len: int, kv_len: int, bidirectional: bool, max_dista
 
 def dense_mask(*, q_len: int, kv_len: int, q_segment_ids=None, kv_segment_ids=None,
                causal: bool = False, local_window: int | None = None, num_global_tokens: int = 0,
-               q_offset=0):
-    """Boolean ``[B or 1, 1, T, S]`` visibility (see the module docstring), or None if all visible."""
+               q_offset=0, kv_offset=0):
+    """Boolean ``[B or 1, 1, T, S]`` visibility (see the module docstring), or None if all visible.
+
+    ``kv_offset``: position of the first key (a chunk of a longer sequence)."""
     if q_segment_ids is not None and kv_segment_ids is None:
         raise ValueError("q_segment_ids needs kv_segment_ids (packing compares the two)")
     q_pos = jnp.arange(q_len, dtype=jnp.int32)[:, None] + jnp.asarray(q_offset, jnp.int32)
-    k_pos = jnp.arange(kv_len, dtype=jnp.int32)[None, :]
+    k_pos = jnp.arange(kv_len, dtype=jnp.int32)[None, :] + jnp.asarray(kv_offset, jnp.int32)
     mask = None
 
     def _and(a, b):

@@ -1,0 +1,124 @@
+"""Chunked T5 attention in plain jnp: memory linear in the sequence length, on any backend.
+
+The same contract as ``reference.attention_reference`` (masks, bias, ``q_offset``; rows with no
+visible key give zeros), computed as flash attention is, but by XLA: queries in chunks of
+``block_q`` (``lax.map``), keys in chunks of ``block_k`` (``lax.scan``) with an online softmax
+in float32 (running max ``m``, normaliser ``l``, unnormalised output ``acc``). The bias of a
+chunk comes from the ``[K, N]`` table and the chunk's positions (``reference.dense_bias``), its
+mask from positions and segment ids (``reference.dense_mask``): nothing ``[T, S]``-sized exists.
+
+Backward stays linear too: each query chunk and each key step are ``jax.checkpoint``-ed, so the
+backward pass keeps only the per-step carries of one query chunk (``S / block_k`` x
+``[B, N, block_q, H]``) and recomputes scores and probabilities. Key chunks that causal or local
+masks leave empty for a whole query chunk are skipped (``lax.cond`` on their positions).
+
+This is the XLA path's attention above ``CHUNKED_MIN_ELEMENTS`` (``jt5/attention_ops.py``): on
+CPU, TPU and as the GPU fallback, long inputs no longer materialise ``[B, N, T, S]`` scores.
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels import reference
+
+
+def _pad_to(x, n: int, axis: int, value=0):
+    extra = n - x.shape[axis]
+    if extra == 0:
+        return x
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (0, extra)
+    return jnp.pad(x, widths, constant_values=value)
+
+
+def _chunks(x, size: int):  # [B, L, ...] -> [L / size, B, size, ...]
+    B, L = x.shape[:2]
+    return jnp.moveaxis(x.reshape(B, L // size, size, *x.shape[2:]), 1, 0)
+
+
+def _live(q_lo, q_hi, k_lo, k_hi, *, causal: bool, local_window, num_global_tokens: int):
+    """Whether any (q_pos in [q_lo, q_hi], k_pos in [k_lo, k_hi]) pair can be visible by position."""
+    live = jnp.bool_(True)
+    if causal:
+        live &= k_lo <= q_hi
+    if local_window is not None:
+        near = (k_lo <= q_hi + local_window) & (k_hi >= q_lo - local_window)
+        if num_global_tokens:
+            near |= (k_lo < num_global_tokens) | (q_lo < num_global_tokens)
+        live &= near
+    return live
+
+
+def chunked_attention(q, k, v, bias_table=None, *, q_segment_ids=None, kv_segment_ids=None,
+                      q_offset=0, causal: bool = False, bidirectional: bool = True,
+                      max_distance: int = 128, local_window: int | None = None,
+                      num_global_tokens: int = 0, block_q: int = 512, block_k: int = 512):
+    """``[B,T,N,H] x [B,S,N,H] x [B,S,N,H] -> [B,T,N,H]``; arguments as ``attention_reference``."""
+    reference.check_attention_args(q, k, v, bias_table, q_segment_ids, kv_segment_ids)
+    B, T, N, H = q.shape
+    S = k.shape[1]
+    bq, bk = min(block_q, T), min(block_k, S)
+    Tp, Sp = math.ceil(T / bq) * bq, math.ceil(S / bk) * bk
+    if Sp != S and kv_segment_ids is None:  # padded keys must be invisible
+        kv_segment_ids = jnp.ones((B, S), jnp.int32)
+    qs = _chunks(_pad_to(q, Tp, 1), bq)
+    ks, vs = _chunks(_pad_to(k, Sp, 1), bk), _chunks(_pad_to(v, Sp, 1), bk)
+    qseg = None if q_segment_ids is None else _chunks(_pad_to(q_segment_ids, Tp, 1), bq)
+    kseg = None if kv_segment_ids is None else _chunks(_pad_to(kv_segment_ids, Sp, 1), bk)
+    q_offset = jnp.asarray(q_offset, jnp.int32)
+    live = functools.partial(_live, causal=causal, local_window=local_window,
+                             num_global_tokens=num_global_tokens)
+
+    @jax.checkpoint
+    def one_query_chunk(i, qi, qseg_i):
+        q0 = q_offset + i * bq
+
+        @jax.checkpoint
+        def key_step(carry, j):
+            m, l, acc = carry
+            k0 = j * bk
+            kseg_j = None if kseg is None else kseg[j]
+
+            def update(_):
+                s = jnp.einsum("BTNH,BSNH->BNTS", qi, ks[j], preferred_element_type=jnp.float32)
+                if bias_table is not None:
+                    s = s + reference.dense_bias(bias_table, q_len=bq, kv_len=bk,
+                                                 bidirectional=bidirectional,
+                                                 max_distance=max_distance, q_offset=q0,
+                                                 kv_offset=k0)
+                mask = reference.dense_mask(q_len=bq, kv_len=bk, q_segment_ids=qseg_i,
+                                            kv_segment_ids=kseg_j, causal=causal,
+                                            local_window=local_window,
+                                            num_global_tokens=num_global_tokens, q_offset=q0,
+                                            kv_offset=k0)
+                if mask is not None:
+                    s = jnp.where(mask, s, reference.MASK_VALUE)
+                # The shift only keeps exp() in range; the result does not depend on it.
+                m_new = jax.lax.stop_gradient(jnp.maximum(m, jnp.max(s, axis=-1)))
+                p = jnp.exp(s - m_new[..., None])
+                if mask is not None:
+                    p = jnp.where(mask, p, 0.0)
+                corr = jnp.exp(m - m_new)
+                pv = jnp.einsum("BNTS,BSNH->BNTH", p.astype(vs.dtype), vs[j],
+                                preferred_element_type=jnp.float32)
+                return m_new, l * corr + jnp.sum(p, axis=-1), acc * corr[..., None] + pv
+
+            on = live(q0, q0 + bq - 1, k0, k0 + bk - 1)
+            return jax.lax.cond(on, update, lambda _: (m, l, acc), None), None
+
+        init = (jnp.full((B, N, bq), reference.MASK_VALUE, jnp.float32),
+                jnp.zeros((B, N, bq), jnp.float32), jnp.zeros((B, N, bq, H), jnp.float32))
+        (_, l, acc), _ = jax.lax.scan(key_step, init, jnp.arange(Sp // bk))
+        out = acc / jnp.where(l == 0.0, 1.0, l)[..., None]
+        return out.transpose(0, 2, 1, 3).astype(q.dtype)  # [B, bq, N, H]
+
+    idx = jnp.arange(Tp // bq)
+    if qseg is None:
+        out = jax.lax.map(lambda a: one_query_chunk(a[0], a[1], None), (idx, qs))
+    else:
+        out = jax.lax.map(lambda a: one_query_chunk(*a), (idx, qs, qseg))
+    return jnp.moveaxis(out, 0, 1).reshape(B, Tp, N, H)[:, :T]
