@@ -186,9 +186,20 @@ def _check_keys(state_dict, config: T5Config, rules, *, encoder_only: bool, sour
                                       f"input embeddings of both stacks to shared.weight")
 
 
+def _config_dict(hf_config) -> Mapping:
+    """A raw config dict; a transformers ``PretrainedConfig`` object is read via ``to_dict()``."""
+    if isinstance(hf_config, Mapping):
+        return hf_config
+    if callable(getattr(hf_config, "to_dict", None)):
+        return hf_config.to_dict()
+    raise TypeError(f"hf_config must be a config.json dict or a transformers PretrainedConfig, "
+                    f"got {type(hf_config).__name__}")
+
+
 def iter_hf_to_jt5(state_dict: Mapping, hf_config: Mapping, *, encoder_only: bool = False,
                    source: str = "state dict") -> tuple[T5Config, Iterator]:
     """Validate, then stream ``(jt5 path, array)`` pairs one tensor at a time."""
+    hf_config = _config_dict(hf_config)
     config = keymap.config_from_hf(
         hf_config, has_lm_head=(not encoder_only and "lm_head.weight" in state_dict),
         source=source)
@@ -198,7 +209,8 @@ def iter_hf_to_jt5(state_dict: Mapping, hf_config: Mapping, *, encoder_only: boo
 
 
 def hf_to_jt5(state_dict: Mapping, hf_config: Mapping, *, encoder_only: bool = False):
-    """transformers state dict (numpy) + raw config dict -> ``(T5Config, {jt5 path: array})``."""
+    """transformers state dict (numpy) + raw config dict (or a transformers config object)
+    -> ``(T5Config, {jt5 path: array})``."""
     config, pairs = iter_hf_to_jt5(state_dict, hf_config, encoder_only=encoder_only)
     return config, dict(pairs)
 
@@ -237,9 +249,22 @@ def _parse_size(size) -> int:
     return int(s)
 
 
+def default_file_mode() -> int:
+    """The mode ``open()`` gives a new file under the current umask (0644 under umask 022).
+
+    Writers that go through temporary files (safetensors' ``save_file``, ``tempfile``) create
+    them 0600; files renamed into a model directory get this mode instead, so an export is as
+    readable as anything else the user writes."""
+    mask = os.umask(0o022)  # the only portable way to read the umask is to set it
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def write_hf_dir(path, state_dict: Mapping, hf_config: Mapping, *, max_shard_size="5GB",
                  extra_files: Mapping | None = None):
-    """Write safetensors (+ index if sharded) and config.json; each file renamed into place."""
+    """Write safetensors (+ index if sharded) and config.json; each file renamed into place.
+
+    ``extra_files``: name -> ``str`` or ``bytes`` written beside them (tokenizer files)."""
     from safetensors.numpy import save_file
 
     path = Path(path)
@@ -265,15 +290,19 @@ def write_hf_dir(path, state_dict: Mapping, hf_config: Mapping, *, max_shard_siz
                      "weight_map": {k: n for n, s in zip(names, shards) for k in s}}
             (tmp / SAFE_INDEX).write_text(json.dumps(index, indent=2))
             files.append(SAFE_INDEX)
-        for name, text in (extra_files or {}).items():
-            (tmp / name).write_text(text)
+        for name, content in (extra_files or {}).items():
+            if isinstance(content, str):
+                content = content.encode("utf-8")
+            (tmp / name).write_bytes(content)
             files.append(name)
         (tmp / "config.json").write_text(json.dumps(dict(hf_config), indent=2) + "\n")
         files.append("config.json")  # last: a directory with a config has complete weights
         stale = {SAFE, SAFE_INDEX, BIN, BIN_INDEX} - set(files)
         for old in stale | {p.name for p in path.glob("model-*-of-*.safetensors")} - set(files):
             (path / old).unlink(missing_ok=True)
+        mode = default_file_mode()
         for name in files:
+            os.chmod(tmp / name, mode)
             os.replace(tmp / name, path / name)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -353,9 +382,11 @@ def model_params(model, *, progress: bool = False) -> dict:
     return out
 
 
-def save_pretrained(model, path, *, max_shard_size="5GB", progress: bool = False):
+def save_pretrained(model, path, *, max_shard_size="5GB", progress: bool = False,
+                    extra_files: Mapping | None = None):
+    """``extra_files``: as for ``write_hf_dir`` (e.g. ``jt5.tokenizer.tokenizer_files(...)``)."""
     from jt5.model import T5EncoderModel
 
     sd, cfg = jt5_to_hf(model.config, model_params(model, progress=progress),
                         encoder_only=isinstance(model, T5EncoderModel))
-    write_hf_dir(path, sd, cfg, max_shard_size=max_shard_size)
+    write_hf_dir(path, sd, cfg, max_shard_size=max_shard_size, extra_files=extra_files)

@@ -41,10 +41,15 @@ def _model_class(name: str):
     return classes[name]
 
 
-def save_model(model, path):
-    """Write ``model`` to ``path`` (created; an existing jt5 checkpoint there is replaced)."""
+def save_model(model, path, *, extra_files=None):
+    """Write ``model`` to ``path`` (created; an existing jt5 checkpoint there is replaced).
+
+    ``extra_files``: name -> ``str``/``bytes`` written beside it (the tokenizer files, so the
+    checkpoint carries its tokenizer as a transformers directory does)."""
     import orbax.checkpoint as ocp
     from flax import nnx
+
+    from bridge.hf import default_file_mode
 
     path = Path(path).absolute()
     path.mkdir(parents=True, exist_ok=True)
@@ -52,6 +57,12 @@ def save_model(model, path):
     ckptr = ocp.StandardCheckpointer()
     ckptr.save(path / "params", nnx.to_pure_dict(nnx.state(model, nnx.Param)), force=True)
     ckptr.wait_until_finished()
+    mode = default_file_mode()
+    for name, content in (extra_files or {}).items():
+        tmp = path / f".{name}.tmp"
+        tmp.write_bytes(content.encode("utf-8") if isinstance(content, str) else content)
+        os.chmod(tmp, mode)
+        os.replace(tmp, path / name)
     meta = {"format": "jt5", "model_class": type(model).__name__,
             "config": config_to_dict(model.config)}
     tmp = path / f".{CONFIG_NAME}.tmp"

@@ -8,14 +8,61 @@
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 import sys
 from pathlib import Path
+
+def _preset_names() -> tuple[str, ...]:
+    from jt5.config import PRESETS  # cheap: the jt5 package is already imported to get here
+    return tuple(PRESETS)
+
+
+MODEL_DIR = ("a transformers model directory, a jt5 checkpoint directory, or a jt5 pretraining "
+             "run directory (its newest complete checkpoint)")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: ``error: argument --steps: must be >= 1 (got -5)``."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
+def _int_at_least(low: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low} (got {value})")
+        return value
+    parse.__name__ = f"int >= {low}"
+    return parse
+
+
+def _float_in(low: float, high: float = float("inf"), *, open_low: bool = False):
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not (low < value if open_low else low <= value) or value > high:
+            lo = f"> {low}" if open_low else f">= {low}"
+            rng = f"{lo} and <= {high}" if high != float("inf") else lo
+            raise argparse.ArgumentTypeError(f"must be {rng} (got {value})")
+        return value
+    parse.__name__ = "number"
+    return parse
+
+
+POSITIVE, NON_NEGATIVE = _int_at_least(1), _int_at_least(0)
 
 
 # -- convert ----------------------------------------------------------------------------------
 def _add_convert(p: argparse.ArgumentParser):
-    p.add_argument("src", help="a transformers model directory, a jt5 checkpoint directory, or a "
-                               "jt5 pretraining run directory (its latest checkpoint is used)")
+    p.add_argument("src", help=MODEL_DIR)
     p.add_argument("dst", help="output directory")
     p.add_argument("--to", choices=("hf", "jt5"), default=None,
                    help="output format (default: the other one than the source's)")
@@ -29,51 +76,65 @@ def _add_convert(p: argparse.ArgumentParser):
 
 def _run_convert(args) -> int:
     from bridge import hf, native
+    from jt5 import formats
     from jt5.model import T5EncoderModel, T5ForConditionalGeneration
+    from jt5.tokenizer import tokenizer_files
 
-    src = Path(args.src)
+    src = formats.locate(args.src)
+    if Path(args.dst).resolve() == src.path.resolve():
+        raise ValueError(f"convert {args.src} {args.dst}: the output directory is the source")
+    try:
+        hf._parse_size(args.max_shard_size)
+    except ValueError:
+        raise ValueError(f"--max-shard-size {args.max_shard_size!r}: expected a size such as "
+                         "5GB, 500MB or a number of bytes") from None
     cls = T5EncoderModel if args.encoder_only else T5ForConditionalGeneration
-    kw = {"dtype": args.dtype, "param_dtype": args.dtype} if args.dtype else {}
-    if (src / "config.json").is_file():
-        kind = "hf"
-        model = hf.load_pretrained(src, cls, progress=True, **kw)
-    elif native.is_native_dir(src):
-        kind = "jt5"
-        model = native.load_model(src, cls, **kw)
-    else:
-        from train.checkpoint import load_model_from_run  # a pretraining run directory
-        kind = "run"
-        model = load_model_from_run(src, cls, **kw)
-    to = args.to or ("jt5" if kind == "hf" else "hf")
+    model = formats.load(src.path, cls, dtype=args.dtype, progress=True)
+    # The tokenizer travels with the weights, so the output works with `jt5 generate` and
+    # AutoTokenizer as the source did.
+    files = tokenizer_files(src.tokenizer) if src.tokenizer else {}
+    to = args.to or ("jt5" if src.kind == "hf" else "hf")
     if to == "hf":
-        hf.save_pretrained(model, args.dst, max_shard_size=args.max_shard_size, progress=True)
+        hf.save_pretrained(model, args.dst, max_shard_size=args.max_shard_size, progress=True,
+                           extra_files=files)
     else:
-        native.save_model(model, args.dst)
-    print(f"wrote {to} checkpoint of {type(model).__name__} to {args.dst}")
+        native.save_model(model, args.dst, extra_files=files)
+    carried = f" with tokenizer files ({', '.join(sorted(files))})" if files else (
+        " (no tokenizer files found at the source)")
+    print(f"wrote {to} checkpoint of {type(model).__name__} to {args.dst}{carried}")
     return 0
 
 
 # -- generate ---------------------------------------------------------------------------------
 def _add_generate(p: argparse.ArgumentParser):
-    p.add_argument("texts", nargs="+", metavar="TEXT", help="input texts, one output each")
-    p.add_argument("--model", required=True,
-                   help="a transformers model directory or a jt5 checkpoint directory")
+    p.add_argument("texts", nargs="+", metavar="TEXT",
+                   help="input texts, one output each; special-token strings in them "
+                        "(<extra_id_N>, </s>) become their ids")
+    p.add_argument("--model", required=True, help=MODEL_DIR)
     p.add_argument("--tokenizer", default=None,
                    help="'byte' (ByT5 bytes) or a transformers tokenizer directory (default: the "
-                        "--model directory)")
-    p.add_argument("--max-new-tokens", type=int, default=64, help="(default 64)")
-    p.add_argument("--min-new-tokens", type=int, default=0, help="no EOS before this (default 0)")
-    p.add_argument("--num-beams", type=int, default=1, help="beam search if > 1 (default 1)")
+                        "--model directory's; for a run directory, its export or the tokenizer "
+                        "it trained with)")
+    p.add_argument("--max-new-tokens", type=POSITIVE, default=64, help="(default 64)")
+    p.add_argument("--min-new-tokens", type=NON_NEGATIVE, default=0,
+                   help="no EOS before this (default 0)")
+    p.add_argument("--num-beams", type=POSITIVE, default=1, help="beam search if > 1 (default 1)")
     p.add_argument("--do-sample", action="store_true", help="sample instead of argmax")
-    p.add_argument("--temperature", type=float, default=1.0, help="(sampling; default 1.0)")
-    p.add_argument("--top-k", type=int, default=0, help="(sampling; 0 = off, default 0)")
-    p.add_argument("--top-p", type=float, default=1.0, help="(sampling; 1 = off, default 1.0)")
+    p.add_argument("--temperature", type=_float_in(0.0, open_low=True), default=1.0,
+                   help="(sampling; default 1.0)")
+    p.add_argument("--top-k", type=NON_NEGATIVE, default=0, help="(sampling; 0 = off, default 0)")
+    p.add_argument("--top-p", type=_float_in(0.0, 1.0, open_low=True), default=1.0,
+                   help="(sampling; 1 = off, default 1.0)")
     p.add_argument("--length-penalty", type=float, default=1.0, help="(beams; default 1.0)")
     p.add_argument("--early-stopping", choices=("true", "false", "never"), default="false",
                    help="(beams; transformers' semantics, default false)")
-    p.add_argument("--num-return-sequences", type=int, default=1,
+    p.add_argument("--num-return-sequences", type=POSITIVE, default=1,
                    help="outputs per input, printed one per line (default 1)")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    p.add_argument("--seed", type=NON_NEGATIVE, default=0, help="sampling seed (default 0)")
+    p.add_argument("--show-special-tokens", action="store_true",
+                   help="print sentinels (<extra_id_N>) and </s> in the outputs (default: they are "
+                        "stripped, except that an output with no text left is printed with them "
+                        "rather than blank)")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
                    help="compute dtype (default: as the checkpoint stores it)")
     p.add_argument("--attention", choices=("auto", "xla", "pallas"), default=None,
@@ -81,24 +142,29 @@ def _add_generate(p: argparse.ArgumentParser):
 
 
 def _run_generate(args) -> int:
-    from bridge import hf, native
+    from jt5 import formats
     from jt5.generate import generate
     from jt5.model import T5ForConditionalGeneration
     from jt5.tokenizer import load_tokenizer
 
-    src = Path(args.model)
-    kw = {k: v for k, v in (("dtype", args.dtype), ("attention", args.attention)) if v}
-    if (src / "config.json").is_file():
-        model = hf.load_pretrained(src, T5ForConditionalGeneration, **kw)
-    elif native.is_native_dir(src):
-        model = native.load_model(src, T5ForConditionalGeneration, **kw)
-    else:
-        raise SystemExit(f"{src}: neither a transformers model directory (config.json) nor a "
-                         f"jt5 checkpoint directory")
+    for i, text in enumerate(args.texts, 1):
+        if not text.strip():
+            raise ValueError(f"TEXT {i} is empty: give each input some text")
+    n, beams = args.num_return_sequences, args.num_beams
+    if (beams > 1 and n > beams) or (beams == 1 and n > 1 and not args.do_sample):
+        raise ValueError(f"--num-return-sequences {n} needs --num-beams >= {n} (got {beams})"
+                         + ("" if beams > 1 else " or --do-sample"))
     try:
-        tok = load_tokenizer(args.tokenizer or src)
-    except ValueError as e:
-        raise SystemExit(f"{e}; pass --tokenizer byte or a tokenizer directory") from e
+        src = formats.locate(args.model)
+    except (FileNotFoundError, ValueError) as e:
+        raise ValueError(f"--model {e}") from e
+    spec = args.tokenizer or src.tokenizer
+    if spec is None:
+        raise ValueError(f"--model {args.model} holds no tokenizer files: pass --tokenizer byte "
+                         "or a tokenizer directory")
+    tok = load_tokenizer(spec)
+    model = formats.load(src.path, T5ForConditionalGeneration, dtype=args.dtype,
+                         attention=args.attention)
     enc = tok.encode_batch(args.texts, add_eos=True)
     early = {"true": True, "false": False, "never": "never"}[args.early_stopping]
     ids = generate(model, enc.input_ids, enc.attention_mask, max_new_tokens=args.max_new_tokens,
@@ -107,7 +173,13 @@ def _run_generate(args) -> int:
                    top_p=args.top_p, length_penalty=args.length_penalty, early_stopping=early,
                    num_return_sequences=args.num_return_sequences, seed=args.seed)
     for row in ids:
-        print(tok.decode(row[1:].tolist(), skip_special_tokens=True))
+        out = row[1:].tolist()
+        while out and out[-1] == tok.pad_id:  # finished rows are padded
+            out.pop()
+        text = tok.decode(out, skip_special_tokens=not args.show_special_tokens)
+        if not text.strip():  # e.g. only sentinels: show them rather than a blank line
+            text = tok.decode(out, skip_special_tokens=False)
+        print(text)
     return 0
 
 
@@ -147,22 +219,24 @@ environments are detected without them).
 
 
 def _add_pretrain(p: argparse.ArgumentParser):
-    # Choices spelled here (as train.step.OPTIMIZERS / SCHEDULES) so --help does not import jax.
+    # Choices spelled here (as train.step.OPTIMIZERS / SCHEDULES) so --help does not import train.
     OPTIMIZERS, SCHEDULES = ("adamw", "adafactor"), ("cosine", "linear", "rsqrt", "constant")
     p.formatter_class = argparse.RawDescriptionHelpFormatter
     p.epilog = _PRETRAIN_EPILOG
     g = p.add_argument_group("model and data")
-    g.add_argument("--model", default="tiny",
-                   help="a preset name (tiny, t5-v1_1-base, ...) or a transformers model directory "
-                        "to continue from (default: tiny)")
+    g.add_argument("--model", default="tiny", metavar="PRESET_OR_DIR",
+                   help=f"a preset ({', '.join(_preset_names())}) or a model to continue from: "
+                        f"{MODEL_DIR} (default: tiny)")
     g.add_argument("--data", nargs="+", default=["builtin"], metavar="SOURCE",
                    help="'builtin' (the embedded corpus), text/.jsonl files or directories "
                         "(default: builtin)")
     g.add_argument("--tokenizer", default=None,
                    help="'byte' (ByT5 bytes) or a transformers tokenizer directory (default: the "
                         "--model directory's tokenizer if it has one, else byte)")
-    g.add_argument("--inputs-length", type=int, default=128, help="encoder length (default 128)")
-    g.add_argument("--targets-length", type=int, default=32, help="decoder length (default 32)")
+    g.add_argument("--inputs-length", type=POSITIVE, default=128,
+                   help="encoder length (default 128)")
+    g.add_argument("--targets-length", type=POSITIVE, default=32,
+                   help="decoder length (default 32)")
     g.add_argument("--pack", action=argparse.BooleanOptionalAction, default=True,
                    help="pack several examples per row (default: --pack)")
     g.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
@@ -172,64 +246,62 @@ def _add_pretrain(p: argparse.ArgumentParser):
                    help="attention implementation (default auto: pallas on GPU, xla elsewhere)")
     g.add_argument("--remat", choices=("none", "full", "dots"), default="none",
                    help="recompute layer activations in the backward pass (default none)")
-    g.add_argument("--dropout", type=float, default=None,
+    g.add_argument("--dropout", type=_float_in(0.0, 1.0), default=None,
                    help="dropout rate (default: the model's; 0 for presets)")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--steps", type=int, default=800, help="total train steps (default 800)")
-    g.add_argument("--batch-size", type=int, default=16,
+    g.add_argument("--steps", type=POSITIVE, default=800, help="total train steps (default 800)")
+    g.add_argument("--batch-size", type=POSITIVE, default=16,
                    help="global batch size in rows, over all hosts (default 16)")
-    g.add_argument("--accum", type=int, default=1,
+    g.add_argument("--accum", type=POSITIVE, default=1,
                    help="gradient accumulation: micro-batches per step (default 1)")
     g.add_argument("--optimizer", choices=OPTIMIZERS, default="adamw", help="(default adamw)")
-    g.add_argument("--lr", type=float, default=None,
+    g.add_argument("--lr", type=_float_in(0.0, open_low=True), default=None,
                    help="peak learning rate (default 3e-3 for adamw, 1e-2 for adafactor: tuned "
                         "for small models; use less for base-sized ones)")
-    g.add_argument("--warmup", type=int, default=50, help="linear warmup steps (default 50)")
+    g.add_argument("--warmup", type=NON_NEGATIVE, default=50,
+                   help="linear warmup steps (default 50)")
     g.add_argument("--schedule", choices=SCHEDULES, default="cosine",
                    help="decay after warmup: cosine / linear to 0.1 x lr at --steps, rsqrt, or "
                         "constant (default cosine)")
-    g.add_argument("--weight-decay", type=float, default=0.0,
+    g.add_argument("--weight-decay", type=_float_in(0.0), default=0.0,
                    help="decoupled weight decay on matrices (default 0)")
-    g.add_argument("--clip", type=float, default=1.0,
+    g.add_argument("--clip", type=_float_in(0.0), default=1.0,
                    help="clip gradients to this global norm; 0 disables (default 1.0)")
-    g.add_argument("--z-loss", type=float, default=1e-4,
+    g.add_argument("--z-loss", type=_float_in(0.0), default=1e-4,
                    help="z-loss coefficient on logsumexp(logits)^2 (default 1e-4)")
-    g.add_argument("--seed", type=int, default=0, help="parameter init, data and dropout (default 0)")
+    g.add_argument("--seed", type=NON_NEGATIVE, default=0,
+                   help="parameter init, data and dropout (default 0)")
     g = p.add_argument_group("run, checkpoints and devices")
     g.add_argument("--out", default="runs/pretrain",
                    help="run directory: checkpoints, metrics, export (default runs/pretrain)")
     g.add_argument("--mesh", default=None,
                    help="device mesh, e.g. data=2,fsdp=2,tensor=2 (any axis may be 1, one may be "
                         "-1; default: all devices on data)")
-    g.add_argument("--save-every", type=int, default=200,
-                   help="checkpoint every N steps, and at the end (default 200)")
-    g.add_argument("--keep", type=int, default=3, help="checkpoints to keep (default 3)")
-    g.add_argument("--eval-every", type=int, default=0,
+    g.add_argument("--save-every", type=NON_NEGATIVE, default=200,
+                   help="checkpoint every N steps (0: only at the end), at the end, and on "
+                        "SIGINT/SIGTERM (default 200)")
+    g.add_argument("--keep", type=POSITIVE, default=3, help="checkpoints to keep (default 3)")
+    g.add_argument("--eval-every", type=NON_NEGATIVE, default=0,
                    help="held-out loss every N steps; 0 disables (default 0)")
     g.add_argument("--tensorboard", action="store_true",
                    help="also write TensorBoard events to OUT/tensorboard (needs tensorboardX)")
-    g.add_argument("--samples", type=int, default=1,
+    g.add_argument("--samples", type=NON_NEGATIVE, default=1,
                    help="held-out samples to generate per denoiser kind at the end (default 1)")
-    g.add_argument("--max-new-tokens", type=int, default=64,
+    g.add_argument("--max-new-tokens", type=POSITIVE, default=64,
                    help="sample length (default 64)")
     g.add_argument("--no-export", action="store_true",
                    help="skip the transformers export and samples at the end")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     g = p.add_argument_group("multi-host (default: auto-detected, else single host)")
     g.add_argument("--coordinator", default=None, help="HOST:PORT of process 0's coordinator")
-    g.add_argument("--num-processes", type=int, default=None, help="number of processes")
-    g.add_argument("--process-id", type=int, default=None, help="this process's index")
+    g.add_argument("--num-processes", type=POSITIVE, default=None, help="number of processes")
+    g.add_argument("--process-id", type=NON_NEGATIVE, default=None, help="this process's index")
 
 
 def _run_pretrain(args) -> int:
-    import logging
-
     from train import loop
     from train.step import OptimConfig
 
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    for noisy in ("absl", "orbax", "jax._src"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
     loop.init_distributed(args.coordinator, args.num_processes, args.process_id)
     optim = OptimConfig(optimizer=args.optimizer, lr=args.lr, warmup_steps=args.warmup,
                         total_steps=args.steps, schedule=args.schedule,
@@ -246,9 +318,9 @@ def _run_pretrain(args) -> int:
         progress=not args.no_progress)
     try:
         result = loop.run(cfg)
-    except loop.NonFiniteLoss as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    except loop.Interrupted as e:
+        print(e, file=sys.stderr)
+        return e.exit_code
     if result.history:
         first, last = result.history[0], result.history[-1]
         print(f"steps {result.start_step}->{result.step}: loss {first['loss']:.3f} -> "
@@ -270,18 +342,76 @@ COMMANDS = {
 }
 
 
+class _Format(logging.Formatter):
+    """``warning: ...`` for warnings and errors, the bare message for info: no logger names."""
+
+    def format(self, record):
+        text = record.getMessage()
+        return f"{record.levelname.lower()}: {text}" if record.levelno >= logging.WARNING else text
+
+
+def _setup_logging():
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_Format())
+    for name in ("jt5", "train", "bridge"):  # the project's loggers: info and up, clean format
+        logger = logging.getLogger(name)
+        logger.handlers[:] = [handler]
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+    for noisy in ("absl", "orbax", "jax._src"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return version("jt5")
+    except PackageNotFoundError:  # a source tree that was never installed
+        return "unknown (not installed)"
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
+
+
+# What a user can cause: bad values, paths and files (CheckpointError is a ValueError), missing
+# optional packages, and the project's own RuntimeErrors (NonFiniteLoss). Anything else is a bug
+# and keeps its traceback.
+USER_ERRORS = (ValueError, OSError, ImportError)
+
+
+def _is_user_error(e: BaseException) -> bool:
+    ours = type(e).__module__.split(".")[0] in ("jt5", "train", "bridge")
+    return isinstance(e, USER_ERRORS) or (ours and isinstance(e, RuntimeError))
+
+
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="jt5", description="T5 in JAX: pretrain, generate, convert, benchmark.")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    parser = _Parser(prog="jt5", description="T5 in JAX: pretrain, generate, convert, benchmark.")
+    parser.add_argument("--version", action="version", version=f"jt5 {_version()}")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the traceback of an error (also: environment JT5_DEBUG=1)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     for name, (help_text, add, _) in COMMANDS.items():
         add(sub.add_parser(name, help=help_text, description=help_text))
     argv = sys.argv[1:] if argv is None else argv
-    if not argv:
+    args = parser.parse_args(argv)
+    if args.command is None:
         parser.print_help()
         return 0
-    args = parser.parse_args(argv)
-    return COMMANDS[args.command][2](args)
+    _setup_logging()
+    debug = args.debug or os.environ.get("JT5_DEBUG", "") not in ("", "0")
+    try:
+        return COMMANDS[args.command][2](args)
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        if debug or not _is_user_error(e):
+            raise
+        print(f"error: {_one_line(e)}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

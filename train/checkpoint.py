@@ -82,27 +82,33 @@ class Checkpoints:
 
     def __init__(self, directory, *, keep: int = 3, async_save: bool = True):
         self.directory = Path(directory).absolute()
-        if jax.process_index() == 0:
-            self.directory.mkdir(parents=True, exist_ok=True)
-            quarantine_incomplete(self.directory)
-        _barrier("jt5-checkpoint-scan")
-        options = ocp.CheckpointManagerOptions(
+        self._options = ocp.CheckpointManagerOptions(
             max_to_keep=keep, enable_async_checkpointing=async_save, create=True,
             cleanup_tmp_directories=True)
-        self.manager = ocp.CheckpointManager(self.directory, options=options,
-                                             item_names=("state", "data"))
+        # The directory is made by the first save (the manager creates it), so a run that fails
+        # before saving anything leaves no empty checkpoints/ behind.
+        if jax.process_index() == 0 and self.directory.is_dir():
+            quarantine_incomplete(self.directory)
+        _barrier("jt5-checkpoint-scan")
+        self.manager = self._manager() if self.directory.is_dir() else None
+
+    def _manager(self):
+        return ocp.CheckpointManager(self.directory, options=self._options,
+                                     item_names=("state", "data"))
 
     def latest_step(self) -> Optional[int]:
-        steps = [s for s in self.manager.all_steps() if is_complete(self.directory / str(s))]
+        steps = [s for s in self.all_steps() if is_complete(self.directory / str(s))]
         return max(steps) if steps else None
 
     def all_steps(self) -> list[int]:
-        return sorted(self.manager.all_steps())
+        return sorted(self.manager.all_steps()) if self.manager is not None else []
 
     def save(self, step: int, state, meta: dict) -> None:
         """Start saving ``state`` (a pytree of jax Arrays) and ``meta`` as ``step``; returns once
         the arrays are on the host. Call on every process."""
         meta = dict(meta, step=int(step), format=FORMAT)
+        if self.manager is None:
+            self.manager = self._manager()
         self.manager.save(int(step), args=ocp.args.Composite(
             state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(meta)), force=True)
 
@@ -111,15 +117,19 @@ class Checkpoints:
 
     def restore(self, step: int, abstract_state) -> tuple[Any, dict]:
         """``abstract_state``: ShapeDtypeStructs *with shardings for the current mesh*."""
+        if self.manager is None:
+            raise FileNotFoundError(f"{self.directory}: no checkpoints")
         out = self.manager.restore(int(step), args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
         return out["state"], dict(out["data"])
 
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        if self.manager is not None:
+            self.manager.wait_until_finished()
 
     def close(self) -> None:
-        self.manager.close()
+        if self.manager is not None:
+            self.manager.close()
 
 
 def _barrier(name: str) -> None:

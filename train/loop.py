@@ -6,7 +6,8 @@ Re-running the same configuration resumes from the newest complete checkpoint in
 continues exactly as an uninterrupted run would: batch ``s`` is a pure function of ``s`` (see
 ``train/data.py``), the dropout key of update ``s`` is ``fold_in(rng, s)``, and ``metrics.jsonl``
 is cut back to the restored step before new lines are appended. A non-finite loss stops the run
-(:class:`NonFiniteLoss`) before anything computed from it is saved. At the end the model is
+(:class:`NonFiniteLoss`) before anything computed from it is saved. SIGINT / SIGTERM finish the
+step in flight, save it and stop (:class:`train.signals.Interrupted`). At the end the model is
 written as a transformers directory (``OUT/hf``, with tokenizer files) and a few held-out examples
 are generated from it into ``OUT/samples.txt``.
 
@@ -29,12 +30,14 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from jt5 import sharding
+from jt5 import formats, sharding
 from jt5.config import PRESETS, T5Config, preset
 from jt5.model import T5ForConditionalGeneration, abstract_model
+from jt5.tokenizer import load_tokenizer
 from train import step as step_lib
 from train.checkpoint import Checkpoints
 from train.data import FEATURES, DataConfig, Pipeline, assemble
+from train.signals import Interrupted, StopOnSignal
 from train.ul2 import Examples
 
 log = logging.getLogger(__name__)
@@ -130,23 +133,25 @@ def default_dtype() -> str:
     return "float32" if jax.default_backend() == "cpu" else "bfloat16"
 
 
-def _is_hf_dir(model) -> bool:
-    return isinstance(model, (str, os.PathLike)) and (Path(model) / "config.json").is_file()
+def _is_model_path(model) -> bool:
+    """``--model`` names a directory (any format jt5.formats reads) rather than a preset."""
+    return isinstance(model, (str, os.PathLike)) and (os.fspath(model) not in PRESETS)
 
 
 def model_config(cfg: LoopConfig) -> T5Config:
     """The architecture ``--model`` names, with this run's numerics."""
     if isinstance(cfg.model, T5Config):
         base = cfg.model
-    elif _is_hf_dir(cfg.model):
-        from bridge import hf, keymap
-        base = keymap.config_from_hf(hf.read_config(cfg.model), has_lm_head="lm_head.weight" in
-                                     hf.StateDict(cfg.model), source=str(cfg.model))
     elif cfg.model in PRESETS:
         base = preset(cfg.model)
+    elif _is_model_path(cfg.model) and os.path.exists(cfg.model):
+        try:
+            base = formats.load_config(cfg.model)
+        except (ValueError, FileNotFoundError) as e:
+            raise ValueError(f"--model {cfg.model}: {e}") from e
     else:
-        raise ValueError(f"--model {cfg.model!r} is neither a preset ({', '.join(sorted(PRESETS))}) "
-                         "nor a transformers model directory (with config.json)")
+        raise ValueError(f"--model {cfg.model!r} is neither a preset ({', '.join(PRESETS)}) "
+                         "nor an existing model directory")
     overrides = dict(dtype=cfg.dtype or default_dtype(), param_dtype="float32",
                      attention=cfg.attention, remat=cfg.remat)
     if cfg.dropout_rate is not None:
@@ -157,9 +162,8 @@ def model_config(cfg: LoopConfig) -> T5Config:
 def data_config(cfg: LoopConfig) -> DataConfig:
     tok = cfg.tokenizer
     if tok is None:
-        from jt5.tokenizer import TOKENIZER_FILES
-        has_tok = _is_hf_dir(cfg.model) and any((Path(cfg.model) / f).is_file() for f in TOKENIZER_FILES)
-        tok = str(cfg.model) if has_tok else "byte"
+        found = formats.locate(cfg.model).tokenizer if _is_model_path(cfg.model) else None
+        tok = found or "byte"
     return DataConfig(data=tuple(cfg.data), tokenizer=tok, inputs_length=cfg.inputs_length,
                       targets_length=cfg.targets_length, batch_size=cfg.batch_size, pack=cfg.pack,
                       seed=cfg.seed)
@@ -193,6 +197,25 @@ def _check_resume(meta: dict, now: dict, where):
             log.warning("resuming with a different %s than the checkpoint was written with "
                         "(was %s, now %s): the continuation will differ from an uninterrupted run",
                         key, meta.get(key), now[key])
+
+
+def _start_line(cfg: LoopConfig, mcfg: T5Config, abstract, mesh, data: Pipeline, start: int,
+                out: Path) -> str:
+    """What this run is about to do, in one line (printed before the progress bar)."""
+    n_params = sum(math.prod(x.shape) for x in jax.tree.leaves(nnx.to_pure_dict(abstract)))
+    name = "custom config" if isinstance(cfg.model, T5Config) else str(cfg.model)
+    devices = jax.devices()
+    where = f"{len(devices)} {devices[0].platform} device(s)"
+    if jax.process_count() > 1:
+        where += f" on {jax.process_count()} processes"
+    shape = ",".join(f"{k}={v}" for k, v in mesh.shape.items())
+    store = data.store
+    tok = data.config.tokenizer if data.config.tokenizer == "byte" else "tokenizer " + str(
+        data.config.tokenizer)
+    begin = f"resuming from step {start}" if start else "fresh start"
+    return (f"pretrain {name}: {n_params / 1e6:.2f}M parameters, {mcfg.dtype}; mesh {shape} over "
+            f"{where}; data {', '.join(data.config.data)} ({len(store.doc_index):,} documents, "
+            f"{len(store.tokens):,} tokens, {tok}); {begin}, to step {cfg.steps}; {out}")
 
 
 def _heldout_batch(data: Pipeline, rows: int) -> Optional[dict]:
@@ -267,35 +290,43 @@ def run(cfg: LoopConfig, *, on_step: Optional[Callable[[int, dict], None]] = Non
     """Train (or resume) to ``cfg.steps``, then export and sample. ``on_step(step, line)`` is
     called after each metrics line (tests use it to simulate a crash)."""
     out = Path(cfg.out).absolute()
-    if jax.process_index() == 0:
-        out.mkdir(parents=True, exist_ok=True)
     pid, nproc = jax.process_index(), jax.process_count()
-    data_cfg = data_config(cfg)
-    data = Pipeline(data_cfg, process_index=pid, process_count=nproc)
-    mesh = sharding.make_mesh(cfg.mesh)
+    # Cheap checks first, before the corpus is tokenised or OUT is created.
+    mcfg = model_config(cfg)
+    try:
+        mesh = sharding.make_mesh(cfg.mesh)
+    except ValueError as e:
+        raise ValueError(f"--mesh {cfg.mesh or '(default: all devices on data)'}: {e}") from e
     shards = mesh.shape["data"] * mesh.shape["fsdp"]
     micro = cfg.batch_size // cfg.optim.accum_steps
     if cfg.batch_size % cfg.optim.accum_steps or micro % shards:
         raise ValueError(f"--batch-size {cfg.batch_size} / --accum {cfg.optim.accum_steps} must be "
                          f"a whole multiple of data x fsdp = {shards} (mesh {dict(mesh.shape)})")
+    data_cfg = data_config(cfg)
+    try:
+        tokenizer = load_tokenizer(data_cfg.tokenizer)
+    except ValueError as e:
+        raise ValueError(f"--tokenizer {data_cfg.tokenizer}: {e}") from e
+    try:
+        data = Pipeline(data_cfg, process_index=pid, process_count=nproc, tokenizer=tokenizer)
+    except (ValueError, OSError) as e:  # missing, empty, binary or malformed data files
+        raise ValueError(f"--data {' '.join(data_cfg.data)}: {e}") from e
+    if data.vocab_size > mcfg.vocab_size:
+        raise ValueError(f"the tokenizer/data use ids up to {data.vocab_size - 1} but the model's "
+                         f"vocab_size is {mcfg.vocab_size}")
+    if pid == 0:
+        out.mkdir(parents=True, exist_ok=True)
 
     ckpts = Checkpoints(out / "checkpoints", keep=cfg.keep, async_save=cfg.async_checkpoints)
     start = ckpts.latest_step() or 0
     meta = ckpts.read_meta(start) if start else None
-    mcfg = model_config(cfg)
-    if data.vocab_size > mcfg.vocab_size:
-        raise ValueError(f"the tokenizer/data use ids up to {data.vocab_size - 1} but the model's "
-                         f"vocab_size is {mcfg.vocab_size}")
     now = run_meta(mcfg, data_cfg, cfg, mesh)
     if meta:
         _check_resume(meta, now, out)
 
     graphdef, abstract = nnx.split(abstract_model(mcfg))
     if pid == 0:
-        n_params = sum(math.prod(x.shape) for x in jax.tree.leaves(nnx.to_pure_dict(abstract)))
-        log.info("%s: %s parameters, compute %s; mesh %s over %d process(es); %s; %s",
-                 out, f"{n_params:,}", mcfg.dtype, dict(mesh.shape), nproc,
-                 f"resuming at step {start}" if start else "fresh start", data.describe())
+        print(_start_line(cfg, mcfg, abstract, mesh, data, start, out), flush=True)
     param_sh = nnx.to_pure_dict(sharding.param_shardings(abstract, mesh))
     tx = step_lib.make_optimizer(cfg.optim)
     abstract_state = jax.eval_shape(lambda p: step_lib.init_state(p, tx, cfg.seed),
@@ -308,7 +339,6 @@ def run(cfg: LoopConfig, *, on_step: Optional[Callable[[int, dict], None]] = Non
         target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                               abstract_state, state_sh)
         state, _ = ckpts.restore(start, target)
-        log.info("resumed from step %d of %s", start, out)
     else:
         state = _fresh_state(cfg, mcfg, param_sh, state_sh, tx, mesh)
 
@@ -363,6 +393,7 @@ def run(cfg: LoopConfig, *, on_step: Optional[Callable[[int, dict], None]] = Non
                 on_step(step, line)
 
         batches = data.iterate(start)
+        stop = StopOnSignal(enabled=nproc == 1)
         try:
             pending = None  # the previous step's metrics, fetched after the next step is queued
             for s in range(start, cfg.steps):
@@ -379,10 +410,19 @@ def run(cfg: LoopConfig, *, on_step: Optional[Callable[[int, dict], None]] = Non
                     if due_save:
                         ckpts.save(s + 1, state, now)
                         last_saved = s + 1
+                if stop.signum is not None:  # the step in flight is done: save it, then stop
+                    if pending is not None:
+                        finish(*pending)
+                        pending = None
+                    if last_saved != s + 1:
+                        ckpts.save(s + 1, state, now)
+                    ckpts.wait()
+                    raise Interrupted(stop.signum, s + 1, ckpts.directory)
             if pending is not None:
                 finish(*pending)
             ckpts.wait()
         finally:
+            stop.restore()
             batches.close()  # stops the prefetch thread
             if bar is not None:
                 bar.close()
@@ -395,13 +435,13 @@ def run(cfg: LoopConfig, *, on_step: Optional[Callable[[int, dict], None]] = Non
 
 
 def _fresh_state(cfg: LoopConfig, mcfg: T5Config, param_sh, state_sh, tx, mesh):
-    """A new TrainState: random init (created directly sharded) or a transformers checkpoint."""
-    if _is_hf_dir(cfg.model):
-        from bridge import hf
-        model = hf.load_pretrained(cfg.model, T5ForConditionalGeneration, dtype=mcfg.dtype,
-                                   param_dtype="float32", attention=mcfg.attention,
-                                   remat=mcfg.remat, dropout_rate=mcfg.dropout_rate,
-                                   shardings=lambda a: sharding.param_shardings(a, mesh))
+    """A new TrainState: random init (created directly sharded) or the weights ``--model`` names
+    (a transformers directory, a jt5 checkpoint or another run), read straight onto the mesh."""
+    if _is_model_path(cfg.model):
+        model = formats.load(cfg.model, T5ForConditionalGeneration, dtype=mcfg.dtype,
+                             param_dtype="float32", attention=mcfg.attention, remat=mcfg.remat,
+                             dropout_rate=mcfg.dropout_rate,
+                             shardings=lambda a: sharding.param_shardings(a, mesh))
         params = nnx.to_pure_dict(nnx.state(model))
     else:
         def init():
@@ -412,45 +452,18 @@ def _fresh_state(cfg: LoopConfig, mcfg: T5Config, param_sh, state_sh, tx, mesh):
 
 
 # -- export -----------------------------------------------------------------------------------
-def tokenizer_files(tokenizer, spec: str) -> dict[str, str]:
-    """Files that make ``transformers.AutoTokenizer`` load the run's tokenizer from OUT/hf."""
-    from jt5.tokenizer import TOKENIZER_FILES, ByteTokenizer
-
-    if isinstance(tokenizer, ByteTokenizer):
-        specials = {"eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>"}
-        cfg = {"tokenizer_class": "ByT5Tokenizer", "extra_ids": tokenizer.num_extra_ids,
-               "model_max_length": 1_000_000_000, **specials}
-        return {"tokenizer_config.json": json.dumps(cfg, indent=2) + "\n",
-                "special_tokens_map.json": json.dumps(specials, indent=2) + "\n"}
-    out = {}
-    for name in TOKENIZER_FILES + ("special_tokens_map.json", "added_tokens.json"):
-        f = Path(spec) / name
-        if f.is_file():
-            try:
-                out[name] = f.read_text()
-            except UnicodeDecodeError:  # binary (spiece.model): copied separately
-                pass
-    return out
-
-
 def export_and_sample(model, data: Pipeline, out: Path, cfg: LoopConfig) -> None:
     """Write OUT/hf (all processes gather, process 0 writes) and OUT/samples.txt (process 0)."""
-    import shutil
-
     from bridge import hf
+    from jt5.tokenizer import tokenizer_files
 
     params = hf.model_params(model)  # a collective on multi-host: every process calls it
     if jax.process_index() != 0:
         return
     sd, hf_cfg = hf.jt5_to_hf(model.config, params)
     hf_dir = out / "hf"
-    hf.write_hf_dir(hf_dir, sd, hf_cfg, extra_files=tokenizer_files(data.tokenizer,
-                                                                   data.config.tokenizer))
-    if data.config.tokenizer != "byte":
-        for name in ("spiece.model", "tokenizer.model", "sentencepiece.bpe.model"):
-            src = Path(data.config.tokenizer) / name
-            if src.is_file():
-                shutil.copyfile(src, hf_dir / name)
+    # The tokenizer goes with the weights, with the special-token ids jt5 trained with.
+    hf.write_hf_dir(hf_dir, sd, hf_cfg, extra_files=tokenizer_files(data.tokenizer))
     print(f"exported a transformers model to {hf_dir}")
     write_samples(hf_dir, data, out / "samples.txt", cfg)
 

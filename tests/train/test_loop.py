@@ -9,6 +9,7 @@ import dataclasses
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -122,6 +123,32 @@ def test_incomplete_checkpoints_are_set_aside(tmp_path):
     assert ckpt_lib.complete_steps(d) == [1, 2, 3]
 
 
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_signal_saves_the_step_in_flight_and_resumes_the_same(signum, reference_run, tmp_path,
+                                                              capsys):
+    """SIGINT/SIGTERM as step 4's metrics are read (saves every 3): step 5 is already in flight
+    (metrics are read one step behind), so the loop finishes it, saves step 5 — off the
+    --save-every grid — and stops with Interrupted; the same run again resumes from 5 and ends
+    exactly as the reference (saved every 2: the cadence does not change the numbers)."""
+    ref_out, _ = reference_run
+    out = tmp_path / "run"
+
+    def signal_at_4(step, line):
+        if step == 4:
+            os.kill(os.getpid(), signum)
+
+    before = signal.getsignal(signum)
+    with pytest.raises(loop.Interrupted, match="resume from step 5") as e:
+        loop.run(loop_config(out, save_every=3), on_step=signal_at_4)
+    assert e.value.exit_code == 128 + signum and e.value.step == 5
+    assert ckpt_lib.complete_steps(out / "checkpoints") == [3, 5]
+    assert signal.getsignal(signum) is before  # the loop's handler is gone again
+    capsys.readouterr()
+    result = loop.run(loop_config(out, save_every=3))
+    assert result.start_step == 5 and "resuming from step 5" in capsys.readouterr().out
+    assert reproducible(loop.read_metrics(out)) == reproducible(loop.read_metrics(ref_out))
+
+
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
     make = step_lib.make_train_step
 
@@ -156,6 +183,8 @@ def test_export_loads_in_transformers_with_the_same_logits(reference_run, tmp_pa
     tok = transformers.AutoTokenizer.from_pretrained(hf_dir)
     assert type(tok).__name__ == "ByT5Tokenizer"
     assert tok("hi").input_ids == [107, 108, 1]
+    assert tok.convert_tokens_to_ids(["<extra_id_0>", "<extra_id_124>"]) == [383, 259]  # as trained
+    assert {oct(f.stat().st_mode & 0o777) for f in hf_dir.iterdir()} <= {"0o644", "0o664", "0o666"}
     hf_model = transformers.AutoModelForSeq2SeqLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
 
     model = ckpt_lib.load_model_from_run(ref_out, attention="xla")  # the last checkpoint
@@ -187,6 +216,27 @@ def test_export_loads_in_transformers_with_the_same_logits(reference_run, tmp_pa
     assert sorted(a) == sorted(b)
     for k in a:
         np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):  # the tokenizer came along
+        assert (tmp_path / "conv" / name).read_bytes() == (hf_dir / name).read_bytes()
+
+
+def test_generate_and_load_accept_a_run_directory(reference_run, tmp_path, capsys):
+    """A run directory is a model source like the others, for `jt5 generate` and `jt5.load`,
+    with the tokenizer it trained with even before the export exists."""
+    import jt5
+    from jt5 import cli
+    ref_out, _ = reference_run
+    argv = ["generate", "--max-new-tokens", "4", "hello<extra_id_0>"]
+    assert cli.main(argv[:1] + ["--model", str(ref_out)] + argv[1:]) == 0
+    via_run = capsys.readouterr().out
+    assert cli.main(argv[:1] + ["--model", str(ref_out / "hf")] + argv[1:]) == 0
+    assert capsys.readouterr().out == via_run and via_run.strip()
+    bare = tmp_path / "bare"  # no hf/ export: the checkpoint's data config names the tokenizer
+    shutil.copytree(ref_out, bare, ignore=shutil.ignore_patterns("hf", "samples.txt"))
+    from jt5.formats import locate
+    assert locate(bare).tokenizer == "byte"
+    model = jt5.load(bare, attention="xla")
+    assert isinstance(model, jt5.T5ForConditionalGeneration)
 
 
 def test_cli_continues_from_the_exported_directory_on_a_2x2x2_mesh(reference_run, tmp_path):
@@ -231,30 +281,46 @@ def test_cli_pretrain_help_lists_the_flags(capsys):
     assert "(default 800)" in text and "runs/pretrain" in text
 
 
-@pytest.mark.slow
-def test_sigkill_then_the_same_command_resumes_exactly(tmp_path):
-    """A real crash: ``jt5 pretrain`` killed with SIGKILL mid-run (possibly mid-save), then the
-    same command again: metrics.jsonl equals an uninterrupted run's."""
-    import signal
+def _cli_command(out):
+    return [sys.executable, "-m", "jt5.cli", "pretrain", "--out", str(out), "--steps", "12",
+            "--batch-size", "8", "--inputs-length", "48", "--targets-length", "16",
+            "--save-every", "3", "--warmup", "2", "--no-export", "--no-progress"]
+
+
+_CLI_ENV = {**os.environ, "PYTHONPATH": str(REPO)}
+
+
+@pytest.fixture(scope="module")
+def whole_cli_run(tmp_path_factory):
+    """``jt5 pretrain`` (12 steps) uninterrupted, in a subprocess."""
+    out = tmp_path_factory.mktemp("cli") / "whole"
+    subprocess.run(_cli_command(out), env=_CLI_ENV, check=True, capture_output=True)
+    return out
+
+
+def _signal_after(out, signum, lines: int) -> subprocess.Popen:
+    """Start ``jt5 pretrain`` into ``out`` and send ``signum`` once ``lines`` metrics exist."""
     import time
-
-    def command(out):
-        return [sys.executable, "-m", "jt5.cli", "pretrain", "--out", str(out), "--steps", "12",
-                "--batch-size", "8", "--inputs-length", "48", "--targets-length", "16",
-                "--save-every", "3", "--warmup", "2", "--no-export", "--no-progress"]
-
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    subprocess.run(command(tmp_path / "whole"), env=env, check=True, capture_output=True)
-    victim = subprocess.Popen(command(tmp_path / "killed"), env=env, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL)
-    metrics = tmp_path / "killed" / "metrics.jsonl"
+    victim = subprocess.Popen(_cli_command(out), env=_CLI_ENV, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+    metrics = out / "metrics.jsonl"
     deadline = time.time() + 300
     while time.time() < deadline and victim.poll() is None:
-        if metrics.exists() and len(metrics.read_text().splitlines()) >= 7:
-            victim.send_signal(signal.SIGKILL)
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= lines:
+            victim.send_signal(signum)
             break
         time.sleep(0.05)
-    victim.wait()
+    return victim
+
+
+@pytest.mark.slow
+def test_sigkill_then_the_same_command_resumes_exactly(whole_cli_run, tmp_path):
+    """A real crash: ``jt5 pretrain`` killed with SIGKILL mid-run (possibly mid-save), then the
+    same command again: metrics.jsonl equals an uninterrupted run's."""
+    command = _cli_command
+    env = _CLI_ENV
+    victim = _signal_after(tmp_path / "killed", signal.SIGKILL, 7)
+    victim.communicate()
     assert victim.returncode == -signal.SIGKILL, "the run finished before it could be killed"
     done = subprocess.run(command(tmp_path / "killed"), env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -262,7 +328,28 @@ def test_sigkill_then_the_same_command_resumes_exactly(tmp_path):
     resumed = re.search(r"steps (\d+)->12", done.stdout)
     assert resumed and int(resumed.group(1)) in (3, 6, 9), done.stdout
     assert (reproducible(loop.read_metrics(tmp_path / "killed")) ==
-            reproducible(loop.read_metrics(tmp_path / "whole")))
+            reproducible(loop.read_metrics(whole_cli_run)))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_or_sigterm_saves_and_the_same_command_resumes(signum, whole_cli_run, tmp_path):
+    """``jt5 pretrain`` gets SIGINT / SIGTERM mid-run: it saves the step in flight, says where to
+    resume, exits 128 + signal; the same command resumes there and ends as an uninterrupted run."""
+    import re
+    out = tmp_path / "stopped"
+    victim = _signal_after(out, signum, 5)
+    _, err = victim.communicate(timeout=300)
+    assert victim.returncode == 128 + signum, (victim.returncode, err[-3000:])
+    said = re.search(r"resume from step (\d+)", err)
+    assert said, err[-3000:]
+    step = int(said.group(1))
+    assert 5 <= step < 12 and step in ckpt_lib.complete_steps(out / "checkpoints")
+    assert "Traceback" not in err
+    done = subprocess.run(_cli_command(out), env=_CLI_ENV, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"resuming from step {step}" in done.stdout, done.stdout
+    assert reproducible(loop.read_metrics(out)) == reproducible(loop.read_metrics(whole_cli_run))
 
 
 def _free_port() -> int:

@@ -1,0 +1,119 @@
+"""The one place that tells jt5's three on-disk model formats apart, and loads any of them.
+
+    src = locate("runs/pretrain")        # Source(path, kind="run", tokenizer=".../runs/pretrain/hf")
+    model = load("runs/pretrain")        # T5ForConditionalGeneration (or T5EncoderModel via cls)
+    config = load_config("path/to/hf")   # T5Config, no weights read
+
+Formats (checked in this order):
+- ``"hf"``: a transformers model directory (``config.json`` + safetensors / ``pytorch_model.bin``);
+- ``"jt5"``: a jt5 checkpoint (``jt5_config.json`` + orbax ``params/``, ``bridge/native.py``);
+- ``"run"``: a ``jt5 pretrain`` run directory (``checkpoints/<step>/``); its newest complete
+  checkpoint is read.
+
+``jt5 convert``, ``jt5 generate`` and ``jt5 pretrain --model`` all go through here. bridge and
+train are imported lazily: this module is light enough for ``jt5/__init__``.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import NamedTuple, Optional
+
+KINDS = ("hf", "jt5", "run")
+_WHAT = ("a transformers model directory (config.json), a jt5 checkpoint (jt5_config.json + "
+         "params/) or a pretraining run directory (checkpoints/)")
+
+
+class Source(NamedTuple):
+    path: Path
+    kind: str                  # one of KINDS
+    tokenizer: Optional[str]   # a directory with tokenizer files, or "byte"; None: none known
+
+
+def _run_tokenizer(path: Path) -> Optional[str]:
+    """A run's tokenizer: its export ``hf/`` if written, else what its checkpoint trained with."""
+    from jt5.tokenizer import BYTE_SPEC, has_tokenizer_files
+    from train import checkpoint as ckpt
+
+    if has_tokenizer_files(path / "hf"):
+        return str(path / "hf")
+    step = ckpt.latest_complete_step(path)
+    if step is None:
+        return None
+    spec = ckpt.read_meta(ckpt.checkpoint_dir(path) / str(step)).get("data_config", {}).get(
+        "tokenizer")
+    if spec == BYTE_SPEC or (spec and has_tokenizer_files(spec)):
+        return spec
+    return None
+
+
+def locate(path) -> Source:
+    """Which format ``path`` holds; ``FileNotFoundError`` / ``ValueError`` naming it otherwise."""
+    from bridge import native
+    from jt5.tokenizer import has_tokenizer_files
+
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"{path} does not exist")
+    if not p.is_dir():
+        raise ValueError(f"{path} is a file; expected {_WHAT}")
+    if (p / "config.json").is_file():
+        return Source(p, "hf", str(p) if has_tokenizer_files(p) else None)
+    if native.is_native_dir(p):
+        return Source(p, "jt5", str(p) if has_tokenizer_files(p) else None)
+    if (p / "checkpoints").is_dir() or any(c.is_dir() and c.name.isdigit() for c in p.iterdir()):
+        from train import checkpoint as ckpt
+        if ckpt.latest_complete_step(p) is None:
+            raise FileNotFoundError(f"{path}: a pretraining run directory without a complete "
+                                    f"checkpoint (under {ckpt.checkpoint_dir(p)})")
+        return Source(p, "run", _run_tokenizer(p))
+    raise ValueError(f"{path} is neither {_WHAT}")
+
+
+def load_config(path):
+    """The ``T5Config`` stored at ``path`` (any format), without reading weights."""
+    src = locate(path)
+    if src.kind == "hf":
+        from bridge import hf, keymap
+        return keymap.config_from_hf(hf.read_config(src.path),
+                                     has_lm_head="lm_head.weight" in hf.StateDict(src.path),
+                                     source=str(src.path))
+    if src.kind == "jt5":
+        from bridge import native
+        return native.read_meta(src.path)[0]
+    from bridge.native import config_from_dict
+    from train import checkpoint as ckpt
+    step_dir = ckpt.checkpoint_dir(src.path) / str(ckpt.latest_complete_step(src.path))
+    return config_from_dict(ckpt.read_meta(step_dir)["model_config"], str(step_dir / "data"))
+
+
+def load(path, cls=None, *, dtype: Optional[str] = None, param_dtype: Optional[str] = None,
+         attention: Optional[str] = None, shardings=None, progress: bool = False,
+         **config_overrides):
+    """Load the model at ``path`` (any format) as ``cls`` (default ``T5ForConditionalGeneration``,
+    or the class a jt5 checkpoint was saved as; ``T5EncoderModel`` reads the encoder only).
+
+    ``dtype`` sets the compute dtype and, unless ``param_dtype`` is given, the parameter dtype
+    (as ``from_pretrained`` does); ``None`` keeps what is stored. ``shardings``: optional
+    ``abstract_state -> shardings`` placing parameters on a mesh. ``config_overrides``: other
+    T5Config fields (``remat``, ``dropout_rate``, ...)."""
+    from jt5.model import T5ForConditionalGeneration
+
+    src = locate(path)
+    overrides = {k: v for k, v in config_overrides.items() if v is not None}
+    if src.kind == "hf":
+        from bridge import hf
+        return hf.load_pretrained(src.path, cls or T5ForConditionalGeneration, dtype=dtype,
+                                  param_dtype=param_dtype, attention=attention,
+                                  shardings=shardings, progress=progress, **overrides)
+    if dtype is not None:
+        overrides.update(dtype=dtype, param_dtype=param_dtype or dtype)
+    elif param_dtype is not None:
+        overrides["param_dtype"] = param_dtype
+    if attention is not None:
+        overrides["attention"] = attention
+    if src.kind == "jt5":  # cls None: the class the checkpoint was saved as
+        from bridge import native
+        return native.load_model(src.path, cls, shardings=shardings, **overrides)
+    from train.checkpoint import load_model_from_run
+    return load_model_from_run(src.path, cls or T5ForConditionalGeneration, shardings=shardings,
+                               **overrides)
