@@ -16,12 +16,13 @@ import numpy as np
 
 from jt5.config import T5Config
 
-SUPPORTED_MODEL_TYPES = ("t5", "mt5", "umt5")
+SUPPORTED_MODEL_TYPES = ("t5", "mt5", "umt5", "longt5")
 
 ARCHITECTURES = {
     ("t5", False): "T5ForConditionalGeneration", ("t5", True): "T5EncoderModel",
     ("mt5", False): "MT5ForConditionalGeneration", ("mt5", True): "MT5EncoderModel",
     ("umt5", False): "UMT5ForConditionalGeneration", ("umt5", True): "UMT5EncoderModel",
+    ("longt5", False): "LongT5ForConditionalGeneration", ("longt5", True): "LongT5EncoderModel",
 }
 
 # transformers' defaults for keys a config.json may omit (per model_type).
@@ -32,12 +33,18 @@ _HF_DEFAULTS = {
                 feed_forward_proj="gated-gelu"),
     "umt5": dict(vocab_size=250112, d_model=512, d_kv=64, d_ff=1024, num_layers=8, num_heads=6,
                  feed_forward_proj="gated-gelu"),
+    "longt5": dict(vocab_size=32128, d_model=512, d_kv=64, d_ff=2048, num_layers=6, num_heads=8,
+                   feed_forward_proj="relu", encoder_attention_type="local", local_radius=127,
+                   global_block_size=16),
 }
 _COMMON_DEFAULTS = dict(relative_attention_num_buckets=32, relative_attention_max_distance=128,
                         layer_norm_epsilon=1e-6, pad_token_id=0, eos_token_id=1,
                         decoder_start_token_id=0, num_decoder_layers=None)
 # transformers v4's tie_word_embeddings default per model type (v4 also decided the scaling by it).
-_V4_TIE_DEFAULT = {"t5": True, "mt5": False, "umt5": True}
+_V4_TIE_DEFAULT = {"t5": True, "mt5": False, "umt5": True, "longt5": True}
+# The encoder self-attention module's name in a transformers state dict.
+_ENC_ATTN = {"full": "SelfAttention", "local": "LocalSelfAttention",
+             "transient-global": "TransientGlobalSelfAttention"}
 
 
 class Rule(NamedTuple):
@@ -62,11 +69,13 @@ def _scale_decoder_outputs(raw: Mapping) -> bool:
 
     - an explicit ``scale_decoder_outputs`` key (5.x T5; 5.24 UMT5; every jt5 export) is read
       back as written by every version that has the key;
-    - T5 and UMT5 without the key: v4 scales iff ``tie_word_embeddings`` (default true); v5
+    - T5, UMT5 and LongT5 without the key: v4 scales iff ``tie_word_embeddings`` (default true); v5
       computes ``tie_word_embeddings is not False`` from the file and forces the tie, so files it
       writes say ``true``. One rule serves both: scale unless the file says ``false``.
       (5.0-5.23 scaled UMT5 even when the file said false; 5.24 went back to the rule above,
-      which is also the original t5x UMT5's.)
+      which is also the original t5x UMT5's. LongT5: 5.0 still reads and writes
+      ``tie_word_embeddings`` as v4 does; 5.23/5.24 set ``scale_decoder_outputs`` from it, write
+      both keys with the tie forced true, and read an explicit key back.)
     - mT5 without the key: v4 scales iff ``tie_word_embeddings`` (default false); v5 never
       scales mT5 and writes ``tie_word_embeddings: true``. Only here does the writer's version
       (the file's own ``transformers_version``) decide.
@@ -77,6 +86,13 @@ def _scale_decoder_outputs(raw: Mapping) -> bool:
     if mt == "mt5" and _writer_major(raw) >= 5:
         return False
     return bool(raw.get("tie_word_embeddings", _V4_TIE_DEFAULT[mt]))
+
+
+def _longt5_fields(d: Mapping, mt: str) -> dict:
+    if mt != "longt5":
+        return {}
+    return dict(encoder_attention_type=str(d["encoder_attention_type"]),
+                local_radius=int(d["local_radius"]), global_block_size=int(d["global_block_size"]))
 
 
 def config_from_hf(raw: Mapping, *, has_lm_head: bool, source: str = "config.json") -> T5Config:
@@ -102,6 +118,7 @@ def config_from_hf(raw: Mapping, *, has_lm_head: bool, source: str = "config.jso
             tie_word_embeddings=not has_lm_head,
             scale_decoder_outputs=_scale_decoder_outputs(raw),
             relative_bias_per_layer=(mt == "umt5"), model_type=mt,
+            **_longt5_fields(d, mt),
             pad_token_id=int(d["pad_token_id"]), eos_token_id=int(eos),
             decoder_start_token_id=int(d["decoder_start_token_id"]))
     except (ValueError, TypeError) as e:
@@ -116,7 +133,11 @@ def config_to_hf(config: T5Config, *, encoder_only: bool = False,
     what v5 reads for T5. ``head_written``: whether ``lm_head.weight`` is in the state dict.
     """
     mt = config.model_type
+    longt5 = ({} if mt != "longt5" else
+              {"encoder_attention_type": config.encoder_attention_type,
+               "local_radius": config.local_radius, "global_block_size": config.global_block_size})
     return {
+        **longt5,
         "architectures": [ARCHITECTURES[(mt, encoder_only)]],
         "model_type": mt,
         "vocab_size": config.vocab_size, "d_model": config.d_model, "d_kv": config.d_kv,
@@ -152,14 +173,22 @@ def rules(config: T5Config, *, encoder_only: bool = False) -> list[Rule]:
     out = [Rule(("shared", "embedding"), "shared.weight", "copy", (config.vocab_size, D))]
     mlp = (["wi_0", "wi_1"] if config.is_gated else ["wi"])
 
+    # A T5 checkpoint run with local attention keeps T5's names: only LongT5 files rename.
+    enc_attn = _ENC_ATTN[config.encoder_attention_type if config.model_type == "longt5" else "full"]
+    tglobal = config.encoder_attention_type == "transient-global"
+
     def stack(name: str, n_layers: int, decoder: bool):
+        self_attn = "SelfAttention" if decoder else enc_attn
+        first = f"{name}.block.0.layer.0.{self_attn}"
         if not config.relative_bias_per_layer:
-            out.append(Rule((name, "relpos", "table"),
-                            f"{name}.block.0.layer.0.SelfAttention.relative_attention_bias.weight",
+            out.append(Rule((name, "relpos", "table"), f"{first}.relative_attention_bias.weight",
                             "copy", (K, N)))
+        if tglobal and not decoder:
+            out.append(Rule((name, "global_relpos", "table"),
+                            f"{first}.global_relative_attention_bias.weight", "copy", (K, N)))
         for i in range(n_layers):
             j, b = (name, "layers", i), f"{name}.block.{i}.layer"
-            sub = [("self_attn", f"{b}.0", "SelfAttention")]
+            sub = [("self_attn", f"{b}.0", self_attn)]
             if decoder:
                 sub.append(("cross_attn", f"{b}.1", "EncDecAttention"))
             for attn, hf_layer, hf_attn in sub:
@@ -169,6 +198,9 @@ def rules(config: T5Config, *, encoder_only: bool = False) -> list[Rule]:
                     out.append(Rule(j + (attn, p), f"{hf_layer}.{hf_attn}.{p}.weight", "qkv",
                                     (D, N, H)))
                 out.append(Rule(j + (attn, "o"), f"{hf_layer}.{hf_attn}.o.weight", "o", (N, H, D)))
+            if tglobal and not decoder:
+                out.append(Rule(j + ("self_attn", "global_norm", "scale"),
+                                f"{b}.0.{self_attn}.global_input_layer_norm.weight", "copy", (D,)))
             if config.relative_bias_per_layer:
                 out.append(Rule(j + ("self_attn", "relpos", "table"),
                                 f"{b}.0.SelfAttention.relative_attention_bias.weight", "copy",

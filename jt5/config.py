@@ -10,7 +10,10 @@ from typing import Optional
 ACTIVATIONS = ("relu", "gelu", "gelu_new", "gelu_pytorch_tanh", "silu", "swish")
 ATTENTION_IMPLS = ("xla", "pallas", "auto")
 DTYPES = ("float32", "bfloat16", "float16")
-MODEL_TYPES = ("t5", "mt5", "umt5")
+MODEL_TYPES = ("t5", "mt5", "umt5", "longt5")
+# "full": T5's dense encoder self-attention. "local" and "transient-global": LongT5's (Guo et al.
+# 2022, §3.1); "local" also works as a long-input approximation on any T5 checkpoint.
+ENCODER_ATTENTION_TYPES = ("full", "local", "transient-global")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,7 +42,16 @@ class T5Config:
     scale_decoder_outputs: bool = True
     # UMT5 (Chung et al. 2023) learns a bias table in every layer instead of one per stack.
     relative_bias_per_layer: bool = False
-    model_type: str = "t5"  # what save_pretrained writes: "t5" | "mt5" | "umt5"
+    model_type: str = "t5"  # what save_pretrained writes: "t5" | "mt5" | "umt5" | "longt5"
+    # Encoder self-attention (decoder attention is always full). "local": each token sees the
+    # tokens within ``local_radius`` of it (LongT5's LocalSelfAttention); with
+    # ``num_global_tokens`` the first tokens also see and are seen by every token.
+    # "transient-global": local + one side key per ``global_block_size`` block (LongT5's
+    # TransientGlobalSelfAttention; needs its extra parameters, so LongT5 checkpoints only).
+    encoder_attention_type: str = "full"
+    local_radius: int = 127
+    global_block_size: int = 16
+    num_global_tokens: int = 0
     pad_token_id: int = 0
     eos_token_id: int = 1
     decoder_start_token_id: int = 0
@@ -71,8 +83,31 @@ class T5Config:
                      "relative_attention_num_buckets", "relative_attention_max_distance"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be positive")
+        self._check_encoder_attention()
         if self.relative_attention_num_buckets < 4:
             raise ValueError("relative_attention_num_buckets must be >= 4 (half exact, half log)")
+
+    def _check_encoder_attention(self):
+        t = self.encoder_attention_type
+        if t not in ENCODER_ATTENTION_TYPES:
+            raise ValueError(f"encoder_attention_type={t!r} must be one of "
+                             f"{ENCODER_ATTENTION_TYPES}")
+        if self.model_type == "longt5" and t == "full":
+            raise ValueError("a longt5 model has 'local' or 'transient-global' encoder attention, "
+                             "not 'full'")
+        if t == "transient-global" and self.model_type != "longt5":
+            raise ValueError(
+                f"encoder_attention_type='transient-global' needs the global bias table and the "
+                f"per-layer global_input_layer_norm that only LongT5 checkpoints have; a "
+                f"{self.model_type} model has neither. Use 'local' (optionally with "
+                f"num_global_tokens) as a long-input approximation instead")
+        if self.local_radius < 0 or self.global_block_size < 1 or self.num_global_tokens < 0:
+            raise ValueError(f"need local_radius >= 0, global_block_size >= 1, num_global_tokens "
+                             f">= 0; got {self.local_radius}, {self.global_block_size}, "
+                             f"{self.num_global_tokens}")
+        if self.num_global_tokens and t != "local":
+            raise ValueError(f"num_global_tokens={self.num_global_tokens} applies to "
+                             f"encoder_attention_type='local' only, not {t!r}")
 
     @property
     def is_gated(self) -> bool:
@@ -138,6 +173,18 @@ PRESETS: dict[str, T5Config] = {
                        num_decoder_layers=4, num_heads=6),
     "byt5-base": _v11(vocab_size=384, d_model=1536, d_kv=64, d_ff=3968, num_layers=18,
                       num_decoder_layers=6, num_heads=12),
+    # LongT5 (Guo et al. 2022; google/long-t5-* model cards): T5 v1.1 shapes, local radius 127,
+    # transient-global blocks of 16.
+    "long-t5-local-base": _v11(d_model=768, d_kv=64, d_ff=2048, num_layers=12, num_heads=12,
+                               model_type="longt5", encoder_attention_type="local"),
+    "long-t5-local-large": _v11(d_model=1024, d_kv=64, d_ff=2816, num_layers=24, num_heads=16,
+                                model_type="longt5", encoder_attention_type="local"),
+    "long-t5-tglobal-base": _v11(d_model=768, d_kv=64, d_ff=2048, num_layers=12, num_heads=12,
+                                 model_type="longt5", encoder_attention_type="transient-global"),
+    "long-t5-tglobal-large": _v11(d_model=1024, d_kv=64, d_ff=2816, num_layers=24, num_heads=16,
+                                  model_type="longt5", encoder_attention_type="transient-global"),
+    "long-t5-tglobal-xl": _v11(d_model=2048, d_kv=64, d_ff=5120, num_layers=24, num_heads=32,
+                               model_type="longt5", encoder_attention_type="transient-global"),
     # For tests and the CPU demo: a v1.1-style model that trains in minutes on 2 cores.
     "tiny": _v11(vocab_size=384, d_model=128, d_kv=32, d_ff=256, num_layers=2, num_heads=4,
                  relative_attention_num_buckets=32, relative_attention_max_distance=128),

@@ -11,9 +11,11 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jt5 import attention_ops as ops
+from jt5 import longt5
 from jt5.attention import KV, CrossAttention, DecoderSelfAttention, EncoderSelfAttention
 from jt5.cache import Cache, empty_self_kv
 from jt5.config import T5Config
+from jt5.generation_config import GenerationConfig
 from jt5.layers import MLP, Embed, RMSNorm, dropout, lm_logits, param, residual_dtype
 from jt5.relpos import RelativePositionBias
 from jt5.sharding import constrain
@@ -34,11 +36,14 @@ class EncoderLayer(nnx.Module):
     def __init__(self, config: T5Config, *, rngs: nnx.Rngs):
         self.rate = config.dropout_rate
         self.self_attn_norm = RMSNorm(config, rngs=rngs)
-        self.self_attn = EncoderSelfAttention(config, rngs=rngs)
+        attn = (longt5.TransientGlobalSelfAttention
+                if config.encoder_attention_type == "transient-global" else EncoderSelfAttention)
+        self.self_attn = attn(config, rngs=rngs)
         self.mlp_norm = RMSNorm(config, rngs=rngs)
         self.mlp = MLP(config, rngs=rngs)
 
-    def __call__(self, x, plan: ops.Plan, rngs=None, deterministic=True):
+    def __call__(self, x, plan, rngs=None, deterministic=True):
+        """``plan``: an ``ops.Plan``, or a ``longt5.GlobalPlan`` for transient-global layers."""
         h = self.self_attn(self.self_attn_norm(x), plan)
         x = constrain(x + dropout(h, self.rate, rngs, deterministic), _ACT)
         h = self.mlp(self.mlp_norm(x), rngs=rngs, deterministic=deterministic)
@@ -80,6 +85,9 @@ class Encoder(nnx.Module):
         self.config = config
         self.relpos = (None if config.relative_bias_per_layer
                        else RelativePositionBias(config, bidirectional=True, rngs=rngs))
+        # LongT5 transient-global: a second shared table, for the side keys' block distances.
+        self.global_relpos = (RelativePositionBias(config, bidirectional=True, rngs=rngs)
+                              if config.encoder_attention_type == "transient-global" else None)
         self.layers = nnx.List([EncoderLayer(config, rngs=rngs) for _ in range(config.num_layers)])
         self.final_norm = RMSNorm(config, rngs=rngs)
 
@@ -87,8 +95,12 @@ class Encoder(nnx.Module):
         """``x``: embedded tokens ``[B, S, D]`` -> hidden states ``[B, S, D]``."""
         cfg = self.config
         S = x.shape[1]
-        plan = ops.make_plan(impl=cfg.attention, q_len=S, kv_len=S, mask=mask,
-                             bias=None if self.relpos is None else self.relpos())
+        bias = None if self.relpos is None else self.relpos()
+        if self.global_relpos is not None:
+            plan = longt5.make_global_plan(cfg, mask, S, bias, self.global_relpos())
+        else:
+            plan = ops.make_plan(impl=cfg.attention, q_len=S, kv_len=S,
+                                 mask=longt5.encoder_mask(cfg, mask), bias=bias)
         x = dropout(x.astype(residual_dtype(cfg)), cfg.dropout_rate, rngs, deterministic)
         call = _remat(cfg, lambda layer, x, plan, rngs: layer(x, plan, rngs, deterministic))
         for layer in self.layers:
@@ -187,6 +199,9 @@ class T5ForConditionalGeneration(nnx.Module):
                         param(rngs, (config.d_model, config.vocab_size), ("embed", "vocab"),
                               std=config.initializer_factor * config.d_model**-0.5,
                               dtype=jnp.dtype(config.param_dtype)))
+        # The checkpoint's generation defaults (generation_config.json, else config.json's
+        # generation fields), set by the loader; ``generate`` falls back to them.
+        self.generation_config = GenerationConfig()
 
     # -- pieces -------------------------------------------------------------------------------
     def encode(self, input_ids, attention_mask=None, *, segment_ids=None, rngs=None,
@@ -283,10 +298,11 @@ class T5ForConditionalGeneration(nnx.Module):
         from bridge.hf import save_pretrained
         save_pretrained(self, path)
 
-    def generate(self, input_ids, attention_mask=None, **kwargs):
-        """Greedy / sampling / beam search in one compiled loop (see ``jt5.generate``)."""
+    def generate(self, input_ids, attention_mask=None, generation_config=None, **kwargs):
+        """Greedy / sampling / beam search in one compiled loop (see ``jt5.generate``);
+        options not given come from ``generation_config``, then ``self.generation_config``."""
         from jt5.generate import generate
-        return generate(self, input_ids, attention_mask, **kwargs)
+        return generate(self, input_ids, attention_mask, generation_config, **kwargs)
 
 
 def init_model(config: T5Config, cls=T5ForConditionalGeneration, seed: int = 0):

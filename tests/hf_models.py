@@ -32,6 +32,16 @@ VARIANTS = {
                               num_layers=1, num_decoder_layers=3,
                               relative_attention_num_buckets=16,
                               relative_attention_max_distance=40), True),
+    # LongT5 (untied, v1.1-style; and tied with scaling): radius 5 -> blocks of 6 and global
+    # blocks of 4, so inputs() lengths 37/27/12 leave partial local blocks and orphan tokens.
+    "longt5-local": ("longt5", dict(feed_forward_proj="gated-gelu", encoder_attention_type="local",
+                                    local_radius=5), True),
+    "longt5-tglobal": ("longt5", dict(feed_forward_proj="gated-gelu", local_radius=5,
+                                      encoder_attention_type="transient-global",
+                                      global_block_size=4), True),
+    "longt5-tglobal-tied": ("longt5", dict(feed_forward_proj="relu", local_radius=3,
+                                           encoder_attention_type="transient-global",
+                                           global_block_size=5), False),
 }
 
 
@@ -41,6 +51,7 @@ def hf_classes(model_type: str):
         "t5": (tr.T5Config, tr.T5ForConditionalGeneration, tr.T5EncoderModel),
         "mt5": (tr.MT5Config, tr.MT5ForConditionalGeneration, tr.MT5EncoderModel),
         "umt5": (tr.UMT5Config, tr.UMT5ForConditionalGeneration, tr.UMT5EncoderModel),
+        "longt5": (tr.LongT5Config, tr.LongT5ForConditionalGeneration, tr.LongT5EncoderModel),
     }[model_type]
 
 

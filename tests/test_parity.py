@@ -49,6 +49,11 @@ def test_float32_logits_and_encoder_states(variant):
                              attention_mask=torch.as_tensor(mask)).last_hidden_state.numpy()
     enc = jt5.T5EncoderModel.from_pretrained(path, attention="xla")
     hidden = _encode(enc, jnp.asarray(ids), jnp.asarray(mask))
+    if hf.config.model_type == "longt5":
+        # LongT5 masks padded *queries* too (modeling_longt5.py: _get_local_attention_mask), so
+        # its states there are an arbitrary average; only token positions mean something.
+        keep = mask[..., None] != 0
+        hidden, enc_ref = np.where(keep, hidden, 0.0), np.where(keep, enc_ref, 0.0)
     assert_close(hidden, enc_ref, dtype="float32", check="hidden", what=f"{name} encoder")
 
 
@@ -75,6 +80,10 @@ def test_low_precision_distributions(variant, dtype):
     model = jt5.T5ForConditionalGeneration.from_pretrained(path, dtype=dtype, attention="xla")
     out = np.asarray(_forward(model, jnp.asarray(ids), jnp.asarray(dec), jnp.asarray(mask)))
     kl = assert_kl(ref, out, dtype=dtype, what=f"{name} {dtype}")
+    if dtype == "float16" and hf_models.VARIANTS[name][1].get("encoder_attention_type") == "local":
+        # transformers' LongT5LocalAttention adds a -1e10 mask in float16 (-inf): padded query
+        # rows become NaN and spread to every row; there is no transformers run to compare with.
+        return
     hf_low = hf_models.build(name, path.parent / f"{path.name}-{dtype}", style="v4").to(
         getattr(torch, dtype))
     theirs = hf_models.hf_reference_logits(hf_low, name, ids, mask, dec)

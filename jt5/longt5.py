@@ -1,0 +1,128 @@
+"""LongT5's encoder attentions (Guo et al. 2022, §3.1): local and transient-global.
+
+*Local*: every token attends to the tokens within ``local_radius`` of it, with the ordinary
+bidirectional T5 bias of the offset. transformers computes it in blocks of ``local_radius + 1``
+with 3-block key windows (``modeling_longt5.py``: ``_split_into_blocks``,
+``_concatenate_3_blocks``, ``_mask_local_attention_mask`` keeps ``|q - k| < block_len``), which is
+exactly the attention contract's ``Mask(local_window=local_radius)`` plus padding — so "local" is
+a mask on the ordinary dispatch, and the Pallas kernels skip the key blocks outside the window.
+
+*Transient-global* adds, for every query, one side key per ``global_block_size`` block of the
+input: the SUM of the block's (normed) hidden states (``_create_global_aggregates``), normed by the
+layer's own ``global_input_layer_norm`` and projected by the layer's k/v. Side keys carry a bias
+by block distance from a second per-stack table (``compute_side_bias``,
+``global_relative_attention_bias``, built by the first layer and shared like the local one), and
+the query attends over local and side keys in ONE softmax. The kernels take no extra keys with
+their own bias, so this attention always runs the dense XLA path (``pallas_kernels.reference``),
+also under ``attention="pallas"``.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx, struct
+
+from jt5 import attention_ops as ops
+from jt5.attention import _Attention
+from jt5.config import T5Config
+from jt5.layers import RMSNorm
+from pallas_kernels import reference
+
+
+def encoder_mask(config: T5Config, mask: ops.Mask) -> ops.Mask:
+    """The encoder's mask with the local window of ``config`` (unchanged for "full")."""
+    if config.encoder_attention_type == "full":
+        return mask
+    return mask.replace(local_window=config.local_radius,
+                        num_global_tokens=config.num_global_tokens)
+
+
+@functools.lru_cache(maxsize=64)
+def _fixed_block_floor(length: int, block: int) -> np.ndarray:
+    """``floor(pos / block)`` as transformers' ``_make_global_fixed_block_ids`` computes it.
+
+    It takes a float32 cumulative sum of ``1/block`` (torch on CPU accumulates it in float64 and
+    rounds once) and then ``floor(1 + x - 1)`` in float32; for block sizes that are not powers of
+    two that differs from integer division at some long-input positions (e.g. 245 of 16384 for
+    block 25). Replicated here bit for bit; it equals ``pos // block`` for block 16 (every
+    released checkpoint). Static: depends on the length only.
+    """
+    x = np.full(length, np.float32(1) / np.float32(block), np.float32)
+    before = np.cumsum(x.astype(np.float64)).astype(np.float32) - x
+    return np.floor(np.float32(1) + before - np.float32(1)).astype(np.int32)
+
+
+def global_block_ids(is_token, block: int):
+    """``is_token: [B, S]`` bool -> ``(block_ids [B, S], valid [B, G])``, ``G = S // block``.
+
+    Padding gets block -1; tokens of a trailing incomplete block join the last complete one
+    ("orphan tokens", ``handle_orphan_tokens``); a global block is valid up to the largest block
+    id of the row (``global_segment_ids``).
+    """
+    B, S = is_token.shape
+    pos = jnp.arange(S, dtype=jnp.int32)
+    raw = jnp.where(is_token, jnp.asarray(_fixed_block_floor(S, block))[None], -1)
+    ends = (pos % block == block - 1)[None] & is_token
+    last_full = jnp.sum(ends, axis=1, dtype=jnp.int32)[:, None] - 1
+    ids = jnp.where(raw < last_full, raw, last_full)
+    G = S // block
+    valid = jnp.arange(G, dtype=jnp.int32)[None] <= jnp.max(ids, axis=1, keepdims=True)
+    return ids, valid
+
+
+@struct.dataclass
+class GlobalPlan:
+    """What every transient-global layer of one encoder pass shares (built once per stack)."""
+    block_onehot: jax.Array  # [B, S, G] float32: token s belongs to global block g
+    bias: jax.Array          # [1|B, N, S, S+G] float32: local bias, then side bias
+    mask: jax.Array          # [B, 1, S, S+G] bool: local window + padding, then side mask
+
+
+def make_global_plan(config: T5Config, mask: ops.Mask, length: int, local_bias: ops.RelativeBias,
+                     global_bias: ops.RelativeBias) -> GlobalPlan:
+    if mask.q_segment_ids is not None:
+        raise ValueError("transient-global attention does not support packed rows (segment ids): "
+                         "its global block sums would mix the packed examples")
+    S, g = length, config.global_block_size
+    seg = mask.kv_segment_ids
+    is_token = (jnp.ones((1, S), bool) if seg is None else jnp.asarray(seg) != 0)
+    ids, valid = global_block_ids(is_token, g)
+    B, G = ids.shape[0], valid.shape[1]
+    # ids == -1 (padding) matches no block: its row of the one-hot is zero.
+    onehot = (ids[:, :, None] == jnp.arange(G, dtype=jnp.int32)[None, None]).astype(jnp.float32)
+    loc_bias = reference.dense_bias(local_bias.table, q_len=S, kv_len=S, bidirectional=True,
+                                    max_distance=local_bias.max_distance)
+    side_rel = jnp.arange(G, dtype=jnp.int32)[None, None] - ids[:, :, None]  # [B, S, G]
+    buckets = reference.relative_position_bucket(
+        side_rel, bidirectional=True, num_buckets=global_bias.table.shape[0],
+        max_distance=global_bias.max_distance)
+    side_bias = jnp.take(global_bias.table.astype(jnp.float32), buckets, axis=0)  # [B,S,G,N]
+    side_bias = side_bias.transpose(0, 3, 1, 2)
+    N = loc_bias.shape[1]
+    bias = jnp.concatenate([jnp.broadcast_to(loc_bias, (B, N, S, S)), side_bias], axis=-1)
+    loc_mask = reference.dense_mask(q_len=S, kv_len=S, kv_segment_ids=seg,
+                                    local_window=config.local_radius)
+    side_mask = (is_token[:, :, None] & valid[:, None, :])[:, None]  # [B, 1, S, G]
+    full = jnp.concatenate([jnp.broadcast_to(loc_mask, (B, 1, S, S)), side_mask], axis=-1)
+    return GlobalPlan(block_onehot=onehot, bias=bias, mask=full)
+
+
+class TransientGlobalSelfAttention(_Attention):
+    """LongT5's transient-global encoder self-attention (one layer)."""
+
+    def __init__(self, config: T5Config, *, rngs: nnx.Rngs):
+        super().__init__(config, rngs=rngs)
+        self.global_norm = RMSNorm(config, rngs=rngs)
+
+    def __call__(self, x, plan: GlobalPlan):
+        # Block sums in float32 (up to global_block_size tokens), then the layer's own norm.
+        sums = jnp.einsum("BSD,BSG->BGD", x.astype(jnp.float32), plan.block_onehot)
+        side = self.project_kv(self.global_norm(sums))
+        kv = self.project_kv(x)
+        k = jnp.concatenate([kv.k, side.k], axis=1)
+        v = jnp.concatenate([kv.v, side.v], axis=1)
+        y = reference.attend_dense(self.project_q(x), k, v, plan.bias, plan.mask)
+        return self.project_out(y)
