@@ -1,0 +1,198 @@
+"""Long inputs: time and peak memory of a T5 encoder forward, jt5 against its peers.
+
+    python benchmarks/long_encoder.py                                    # 4k..32k, every impl
+    python benchmarks/long_encoder.py --lengths 4096 8192 --impls jt5 hf-sdpa --json out.json
+
+One random-weight transformers ``T5EncoderModel`` of the ``--model`` preset's shape (default
+t5-small: 6 layers, d_model 512, 8 heads) is saved once; every (implementation, length) then
+runs in a fresh subprocess that loads it, runs one warm-up and ``--repeats`` timed forwards of
+batch 1, float32, and reports the minimum time and its peak resident memory (``VmHWM``: the
+whole process, libraries included; ``base`` is the same process before the first forward).
+
+- ``jt5``: the XLA path (``attention="xla"``): above 1M query x key positions it attends in
+  chunks (``pallas_kernels/chunked.py``): memory linear in T.
+- ``hf-eager`` / ``hf-sdpa``: transformers' PyTorch T5 (``attn_implementation``); both
+  materialise the ``[1, N, T, T]`` position bias and scores.
+- ``nai-sdpa``: nai-t5's encoder (pip ``nai-t5``; its SDPA path takes the dense bias too).
+
+Runs whose dense ``[N, T, T]`` float32 score tensors alone (bias + scores + probabilities, 3 x
+4·N·T² bytes) would exceed ``--mem-budget-gb`` are not started and are reported as such. Agreement:
+the first 64 positions of each output against jt5's (relative max error).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see benchmarks/generate.py
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+IMPLS = ("jt5", "hf-eager", "hf-sdpa", "nai-sdpa")
+
+
+def _rss_mb() -> float:
+    """This process's peak resident memory (VmHWM: unlike ru_maxrss it is not inherited from
+    the parent across exec)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024  # kB
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _ids(length: int):
+    import numpy as np
+    return np.random.default_rng(0).integers(2, 32000, (1, length)).astype(np.int64)
+
+
+def worker(impl: str, model_dir: str, length: int, repeats: int, sample: str) -> dict:
+    import numpy as np
+
+    ids = _ids(length)
+    if impl == "jt5":
+        import jax
+        import jax.numpy as jnp
+        from flax import nnx
+
+        import jt5
+        enc = jt5.T5EncoderModel.from_pretrained(model_dir, attention="xla")
+        fwd = nnx.jit(lambda m, x: m(x))
+        x = jnp.asarray(ids, jnp.int32)
+
+        def run():
+            return np.asarray(jax.block_until_ready(fwd(enc, x)))
+    else:
+        import torch
+        torch.set_num_threads(os.cpu_count() or 1)
+        if impl.startswith("hf-"):
+            from transformers import T5EncoderModel
+            model = T5EncoderModel.from_pretrained(model_dir,
+                                                   attn_implementation=impl[3:]).eval()
+
+            def call(t):
+                return model(input_ids=t).last_hidden_state
+        else:
+            from nai_t5.t5_encoder import T5EncoderStack
+            from nai_t5.t5_hf import hf_to_based_t5_enc_state, to_based_config
+            from safetensors.torch import load_file
+            from transformers import T5Config
+            cfg = to_based_config(T5Config.from_pretrained(model_dir), n_tokens=length)
+            model = T5EncoderStack(cfg).eval()
+            model.load_state_dict(hf_to_based_t5_enc_state(
+                load_file(str(Path(model_dir) / "model.safetensors")), cfg))
+
+            def call(t):
+                return model(t)
+        t = torch.as_tensor(ids)
+
+        def run():
+            with torch.inference_mode():
+                return call(t).float().numpy()
+    base = _rss_mb()
+    start = time.perf_counter()
+    out = run()
+    first = time.perf_counter() - start
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        out = run()
+        times.append(time.perf_counter() - start)
+    np.save(sample, out[0, :64])
+    return {"time_s": min(times) if times else None, "first_s": first, "times_s": times,
+            "peak_rss_mb": _rss_mb(), "base_rss_mb": base}
+
+
+def _save_model(preset: str, path: Path):
+    import torch
+    from transformers import T5Config, T5EncoderModel
+
+    import jt5
+    c = jt5.preset(preset)
+    cfg = T5Config(vocab_size=c.vocab_size, d_model=c.d_model, d_kv=c.d_kv, d_ff=c.d_ff,
+                   num_layers=c.num_layers, num_heads=c.num_heads,
+                   relative_attention_num_buckets=c.relative_attention_num_buckets,
+                   relative_attention_max_distance=c.relative_attention_max_distance,
+                   feed_forward_proj=c.feed_forward_proj, dropout_rate=0.0)
+    torch.manual_seed(0)
+    T5EncoderModel(cfg).save_pretrained(path)
+    return c
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="t5-small", help="jt5 preset for the shape (default t5-small)")
+    p.add_argument("--lengths", type=int, nargs="+", default=[4096, 8192, 16384, 32768])
+    p.add_argument("--impls", nargs="+", default=list(IMPLS), choices=IMPLS)
+    p.add_argument("--repeats", type=int, default=2,
+                   help="timed forwards after the first (which includes jt5's compile); 0: only "
+                        "the first (default 2)")
+    p.add_argument("--mem-budget-gb", type=float, default=20.0,
+                   help="do not start dense runs whose score tensors exceed this (default 20)")
+    p.add_argument("--python", default=sys.executable,
+                   help="interpreter for the peers' runs (e.g. a venv with nai-t5)")
+    p.add_argument("--json", default=None, help="also write the rows here")
+    p.add_argument("--worker", nargs=4, metavar=("IMPL", "DIR", "LENGTH", "SAMPLE"),
+                   help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.worker:
+        impl, model_dir, length, sample = args.worker
+        print(json.dumps(worker(impl, model_dir, int(length), args.repeats, sample)))
+        return 0
+
+    import numpy as np
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        c = _save_model(args.model, Path(tmp) / "model")
+        print(f"{args.model}-shaped encoder ({c.num_layers} layers, d_model {c.d_model}, "
+              f"{c.num_heads} heads), batch 1, float32, {os.cpu_count()} CPU threads")
+        print("| impl | T | time s (min) | first call s | peak RSS MB | RSS before MB | "
+              "max rel err vs jt5 |")
+        print("|---|---|---|---|---|---|---|")
+        for length in args.lengths:
+            ref = None
+            for impl in args.impls:
+                dense_gb = 3 * 4 * c.num_heads * length**2 / 1e9
+                row = {"impl": impl, "length": length}
+                if impl != "jt5" and dense_gb > args.mem_budget_gb:
+                    row["skipped"] = f"dense scores need >= {dense_gb:.0f} GB"
+                else:
+                    sample = str(Path(tmp) / f"{impl}-{length}.npy")
+                    py = sys.executable if impl == "jt5" else args.python
+                    proc = subprocess.run(
+                        [py, __file__, "--repeats", str(args.repeats), "--worker", impl,
+                         str(Path(tmp) / "model"), str(length), sample],
+                        capture_output=True, text=True)
+                    if proc.returncode != 0:
+                        tail = (proc.stderr.strip().splitlines() or ["?"])[-1]
+                        row["failed"] = f"exit {proc.returncode}: {tail[:120]}"
+                    else:
+                        row.update(json.loads(proc.stdout.strip().splitlines()[-1]))
+                        out = np.load(sample)
+                        if impl == "jt5":
+                            ref = out
+                        elif ref is not None:
+                            row["rel_err"] = float(np.max(np.abs(out - ref)) / np.max(np.abs(ref)))
+                rows.append(row)
+                if "first_s" in row:
+                    err = f"{row['rel_err']:.1e}" if "rel_err" in row else "-"
+                    best = "-" if row["time_s"] is None else f"{row['time_s']:.2f}"
+                    print(f"| {impl} | {length} | {best} | {row['first_s']:.2f} | "
+                          f"{row['peak_rss_mb']:.0f} | {row['base_rss_mb']:.0f} | {err} |",
+                          flush=True)
+                else:
+                    print(f"| {impl} | {length} | {row.get('skipped') or row.get('failed')} "
+                          f"| | | | |", flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
