@@ -162,7 +162,11 @@ def _run_generate(args) -> int:
     if spec is None:
         raise ValueError(f"--model {args.model} holds no tokenizer files: pass --tokenizer byte "
                          "or a tokenizer directory")
-    tok = load_tokenizer(spec)
+    try:
+        tok = load_tokenizer(spec)
+    except ValueError as e:
+        flag = "--tokenizer" if args.tokenizer else "--model"
+        raise ValueError(f"{flag} {args.tokenizer or args.model}: {e}") from e
     model = formats.load(src.path, T5ForConditionalGeneration, dtype=args.dtype,
                          attention=args.attention)
     enc = tok.encode_batch(args.texts, add_eos=True)
@@ -198,8 +202,8 @@ def _run_bench(args) -> int:
     script = BENCHMARKS / f"{args.name}.py"
     if not script.is_file():
         found = sorted(f.stem for f in BENCHMARKS.glob("*.py")) if BENCHMARKS.is_dir() else []
-        raise SystemExit(f"no benchmark {args.name!r} in {BENCHMARKS} (have: {found}); "
-                         f"benchmarks ship with the source tree, not the wheel")
+        raise FileNotFoundError(f"no benchmark {args.name!r} in {BENCHMARKS} (have: {found}); "
+                                f"benchmarks ship with the source tree, not the wheel")
     sys.argv = [str(script), *args.args]
     runpy.run_path(str(script), run_name="__main__")
     return 0
@@ -212,7 +216,8 @@ tokens, AdamW lr 3e-3, 50 warmup steps, cosine decay to 3e-4, float32 on CPU. Ab
 minutes on a 2-core CPU; the loss falls from ~6.3 (ln 384 = 5.95) through ~3 at step 50 to
 ~2.6. Writes OUT/metrics.jsonl (one line per step), OUT/checkpoints/,
 OUT/hf (a transformers directory with tokenizer files) and OUT/samples.txt. Re-running the same
-command resumes from the newest complete checkpoint. Multi-host: run the same command on every
+command resumes from the newest complete checkpoint; Ctrl-C or SIGTERM first finishes the step
+in flight and saves it (exit status 130 / 143). Multi-host: run the same command on every
 host with --coordinator HOST:PORT --num-processes N --process-id I (SLURM / Open MPI
 environments are detected without them).
 """
@@ -350,8 +355,18 @@ class _Format(logging.Formatter):
         return f"{record.levelname.lower()}: {text}" if record.levelno >= logging.WARNING else text
 
 
+class _Stderr(logging.Handler):
+    """Writes to whatever ``sys.stderr`` is at the time (it may be replaced after setup)."""
+
+    def emit(self, record):
+        try:
+            print(self.format(record), file=sys.stderr, flush=True)
+        except Exception:
+            self.handleError(record)
+
+
 def _setup_logging():
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _Stderr()
     handler.setFormatter(_Format())
     for name in ("jt5", "train", "bridge"):  # the project's loggers: info and up, clean format
         logger = logging.getLogger(name)

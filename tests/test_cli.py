@@ -202,3 +202,13 @@ def test_generate_parses_prompt_specials_and_shows_blank_outputs(byt5_dir, capsy
     code, out, _ = run(["generate", "--model", str(byt5_dir), "--show-special-tokens", "a", "b"],
                        capsys)
     assert out.splitlines() == ["<extra_id_0><extra_id_1></s>", "h<extra_id_0>i</s>"]
+
+
+def test_warnings_print_without_logger_names(capsys):
+    """``warning: ...`` on stderr, not ``WARNING:train.loop:...``; info lines are bare."""
+    import logging
+    cli._setup_logging()
+    logging.getLogger("train.loop").warning("no held-out documents: no samples")
+    logging.getLogger("train.data").info("tokenised 3 documents")
+    assert capsys.readouterr().err.splitlines() == [
+        "warning: no held-out documents: no samples", "tokenised 3 documents"]
