@@ -58,6 +58,9 @@ class T5Config:
     # Numerics and execution (not part of a checkpoint).
     dtype: str = "float32"  # activations / matmul inputs
     param_dtype: str = "float32"
+    # The residual stream between sublayers; None: float32 (also in bfloat16/float16 mode: it
+    # brings bf16 within nai-t5's error of float32, benchmarks/bf16_accuracy.py).
+    residual_dtype: Optional[str] = None
     attention: str = "auto"  # "xla" | "pallas" | "auto" (pallas on GPU, xla elsewhere)
     dropout_rate: float = 0.0
     # Lookup as one_hot @ table (always used when the mesh shards the vocabulary).
@@ -72,7 +75,9 @@ class T5Config:
         del act
         if self.attention not in ATTENTION_IMPLS:
             raise ValueError(f"attention={self.attention!r} must be one of {ATTENTION_IMPLS}")
-        for name in ("dtype", "param_dtype"):
+        for name in ("dtype", "param_dtype", "residual_dtype"):
+            if name == "residual_dtype" and self.residual_dtype is None:
+                continue
             if getattr(self, name) not in DTYPES:
                 raise ValueError(f"{name}={getattr(self, name)!r} must be one of {DTYPES}")
         if self.model_type not in MODEL_TYPES:

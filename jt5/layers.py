@@ -28,16 +28,18 @@ def compute_dtype(config: T5Config):
 
 
 def residual_dtype(config: T5Config):
-    """The dtype of the residual stream between sublayers.
+    """The dtype of the residual stream between sublayers (``config.residual_dtype``; default
+    float32 whatever the compute dtype).
 
-    T5 checkpoints overflow float16 (activations in the residual stream exceed 65504 in
-    T5 v1.1 / Flan-T5 xl+, cf. transformers issue #20287). In float16 mode jt5 keeps the residual
-    stream in float32 and lets the output projections (attention ``o`` and MLP ``wo``) produce
-    float32 directly, so no intermediate that can be large is ever stored in float16.
-    bfloat16 has float32's range, so it keeps bfloat16 residuals.
+    float16: T5 checkpoints overflow it (activations in the residual stream exceed 65504 in
+    T5 v1.1 / Flan-T5 xl+, cf. transformers issue #20287). bfloat16 has float32's range but 8
+    bits of mantissa: each of the 2 x layers residual additions rounds the whole stream again,
+    and that, more than the matmuls, is what separates a bf16 run from float32
+    (benchmarks/bf16_accuracy.py; nai-t5 keeps its residual in float32 for the same reason).
+    The output projections (attention ``o``, MLP ``wo``) produce the residual dtype directly, so
+    no intermediate that can be large is stored in low precision; matmul inputs stay low.
     """
-    dt = compute_dtype(config)
-    return jnp.dtype(jnp.float32) if dt == jnp.float16 else dt
+    return jnp.dtype(config.residual_dtype or jnp.float32)
 
 
 def dropout(x, rate: float, rngs: nnx.Rngs | None, deterministic: bool):
@@ -52,8 +54,8 @@ def dropout(x, rate: float, rngs: nnx.Rngs | None, deterministic: bool):
 class RMSNorm(nnx.Module):
     """T5's layer norm: scale only, no mean subtraction, no bias (Zhang & Sennrich 2019).
 
-    The mean square is accumulated in float32 whatever the input dtype (as transformers does);
-    the result is cast to the compute dtype before the scale multiplies it.
+    Computed in float32 whatever the input dtype, the scale included, and cast to the compute
+    dtype once (transformers casts before the scale: one more rounding in bf16/fp16).
     """
 
     def __init__(self, config: T5Config, *, rngs: nnx.Rngs):
@@ -65,8 +67,8 @@ class RMSNorm(nnx.Module):
     def __call__(self, x):  # [..., D]
         xf = x.astype(jnp.float32)
         var = jnp.mean(jnp.square(xf), axis=-1, keepdims=True)
-        y = (xf * jax.lax.rsqrt(var + self.eps)).astype(self.dtype)
-        return y * self.scale[...].astype(self.dtype)
+        y = xf * jax.lax.rsqrt(var + self.eps) * self.scale[...].astype(jnp.float32)
+        return y.astype(self.dtype)
 
 
 _ACT = {
@@ -100,12 +102,16 @@ class MLP(nnx.Module):
     def __call__(self, x, *, rngs=None, deterministic=True):  # [B,T,D] -> [B,T,D]
         dt = self.dtype
         x = x.astype(dt)
+
+        def up(w):  # the activation and the gate product in float32, one rounding to dt after
+            return jnp.einsum("BTD,DF->BTF", x, w[...].astype(dt),
+                              preferred_element_type=jnp.float32)
+
         if self.gated:
-            h = self.act(jnp.einsum("BTD,DF->BTF", x, self.wi_0[...].astype(dt)))
-            h = h * jnp.einsum("BTD,DF->BTF", x, self.wi_1[...].astype(dt))
+            h = self.act(up(self.wi_0)) * up(self.wi_1)
         else:
-            h = self.act(jnp.einsum("BTD,DF->BTF", x, self.wi[...].astype(dt)))
-        h = constrain(h, ("batch", "length", "act_mlp"))
+            h = self.act(up(self.wi))
+        h = constrain(h.astype(dt), ("batch", "length", "act_mlp"))
         h = dropout(h, self.rate, rngs, deterministic)
         return jnp.einsum("BTF,FD->BTD", h, self.wo[...].astype(dt),
                           preferred_element_type=self.out_dtype)
