@@ -360,7 +360,11 @@ def load_pretrained(path, cls, *, dtype: str | None = None, attention: str | Non
     if unfilled:
         raise CheckpointError(f"{path}: jt5 parameters left without a source tensor: "
                               f"{unfilled[:5]}")
-    return nnx.merge(graphdef, nnx.from_flat_state(flat))
+    model = nnx.merge(graphdef, nnx.from_flat_state(flat))
+    if hasattr(model, "generation_config"):  # the checkpoint's generation defaults
+        from jt5.generation_config import read_generation_config
+        model.generation_config = read_generation_config(path, raw)
+    return model
 
 
 def model_params(model, *, progress: bool = False) -> dict:
@@ -389,4 +393,8 @@ def save_pretrained(model, path, *, max_shard_size="5GB", progress: bool = False
 
     sd, cfg = jt5_to_hf(model.config, model_params(model, progress=progress),
                         encoder_only=isinstance(model, T5EncoderModel))
-    write_hf_dir(path, sd, cfg, max_shard_size=max_shard_size, extra_files=extra_files)
+    extra = dict(extra_files or {})
+    if hasattr(model, "generation_config"):  # transformers' save_pretrained writes it too
+        from jt5.generation_config import FILE, generation_config_file
+        extra.setdefault(FILE, generation_config_file(model.generation_config, model.config))
+    write_hf_dir(path, sd, cfg, max_shard_size=max_shard_size, extra_files=extra)

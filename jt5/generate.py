@@ -20,27 +20,37 @@ What compiles: one program per distinct
   - batch size B and input length *bucket* (``bucket_length``: 16, 32, 64, 128, 256, then
     multiples of 64 — inputs are right-padded to it, so requests of similar length share code),
   - max_new_tokens, strategy (greedy / sample / beam / beam-sample), num_beams,
-    num_return_sequences, top_k, whether top_p < 1, early_stopping, the number of EOS ids.
+    num_return_sequences, top_k, whether top_p < 1, early_stopping, the number of EOS ids,
+    and which logits processors are on (their n-gram sizes, the bad-words table's shape);
+    ``jt5.generation_config.FIELDS`` marks every option static or traced.
 Traced (changing them never recompiles): the token ids and mask, temperature, top_p,
-length_penalty, min_new_tokens, seed, the eos / pad / decoder-start ids.
+length_penalty, min_length / min_new_tokens, seed, the eos / pad / decoder-start ids, and the
+processors' values: repetition_penalty, the bad words, suppressed tokens, forced BOS/EOS ids,
+the exponential decay (start, factor).
 
-Semantics follow transformers 4.5x/5.x (``GenerationMixin._sample`` / ``_beam_search``):
-processors in the order min_new_tokens → temperature → top-k → top-p (min_tokens_to_keep 1,
-or 1 + #eos for beam sampling); beam search keeps ``max(2, 1 + #eos) * num_beams`` candidates
-per step, scores finished hypotheses as ``sum_logprobs / generated_len ** length_penalty`` and
+Options come from a ``GenerationConfig`` (``resolve_config``: explicit arguments > the model's
+checkpoint defaults, ``model.generation_config`` > transformers' defaults), with transformers'
+length semantics (``max_length`` counts the decoder start token; 20 new tokens when nothing is
+set). Semantics follow transformers 5.x (``GenerationMixin._sample`` / ``_beam_search``): the
+logits processors of ``jt5.processors`` in ``_get_logits_processor``'s order, then temperature
+→ top-k → top-p (min_tokens_to_keep 1, or 1 + #eos for beam sampling); beam search keeps
+``max(2, 1 + #eos) * num_beams`` candidates per step, scores finished hypotheses as
+``sum_logprobs / generated_len ** length_penalty`` and
 stops a batch item by the same ``early_stopping`` heuristics (True / False / "never").
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import NamedTuple, Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jt5 import processors
 from jt5.attention_ops import resolve_impl
+from jt5.generation_config import GenerationConfig, Resolved, check_names
 
 _NEG = -1.0e9  # transformers' "impossible" score for beams (finite, so sums stay ordered)
 _TRACES = [0]
@@ -67,68 +77,30 @@ class GenerateOutput(NamedTuple):
 class _Static:
     """Everything that shapes the compiled program (hashable: a static jit argument)."""
     beam: bool
-    do_sample: bool
     max_new_tokens: int
     cache_length: int
     num_beams: int
     num_return_sequences: int
-    top_k: int
-    use_top_p: bool
     early_stopping: bool | str
-    min_tokens_to_keep: int
+    proc: processors.Static
 
 
 class _Knobs(NamedTuple):
     """Traced generation parameters."""
-    temperature: jax.Array    # f32
-    top_p_cut: jax.Array      # f32: tokens with cumulative probability <= 1 - top_p are dropped
+    proc: processors.Knobs
     never_long: jax.Array     # bool: early_stopping == "never" and length_penalty > 0
     denominators: jax.Array   # [max_new_tokens + 2] f32: n ** length_penalty
-    min_new_tokens: jax.Array  # i32
-    eos: jax.Array            # [n_eos] i32
     pad: jax.Array            # i32
     start: jax.Array          # i32
     fill: jax.Array           # i32: beam hypotheses' filler
+    input_length: jax.Array   # i32: the prompt width before bucket padding
     key: jax.Array            # PRNG key
-
-
-# -------------------------------------------------------------------------------- processors
-
-def _is_eos(tokens, eos):
-    if eos.shape[0] == 0:
-        return jnp.zeros(tokens.shape, bool)
-    return jnp.any(tokens[..., None] == eos, axis=-1)
-
-
-def _top_p(scores, cut, keep: int):
-    """transformers' ``TopPLogitsWarper``: drop the low tail whose mass is <= 1 - top_p."""
-    rows = jnp.arange(scores.shape[0])[:, None]
-    order = jnp.argsort(scores, axis=-1)  # ascending
-    cum = jnp.cumsum(jax.nn.softmax(jnp.take_along_axis(scores, order, -1), -1), -1)
-    remove = (cum <= cut).at[:, -keep:].set(False)
-    remove = jnp.zeros_like(remove).at[rows, order].set(remove)
-    return jnp.where(remove, -jnp.inf, scores)
-
-
-def _process(scores, step, kn: _Knobs, st: _Static):
-    """Logits processors of one step on ``[R, V]`` float32 scores."""
-    V = scores.shape[-1]
-    eos_col = _is_eos(jnp.arange(V), kn.eos)
-    scores = jnp.where(eos_col[None] & (step < kn.min_new_tokens), -jnp.inf, scores)
-    if st.do_sample:
-        scores = scores / kn.temperature
-        if st.top_k:
-            k = min(max(st.top_k, st.min_tokens_to_keep), V)
-            kth = jax.lax.top_k(scores, k)[0][:, -1:]
-            scores = jnp.where(scores < kth, -jnp.inf, scores)
-        if st.use_top_p:
-            scores = _top_p(scores, kn.top_p_cut, st.min_tokens_to_keep)
-    return scores
 
 
 # -------------------------------------------------------------------------------- the loops
 
-def _greedy_or_sample(model, cache, kn: _Knobs, st: _Static, rows: int) -> GenerateOutput:
+def _greedy_or_sample(model, cache, kn: _Knobs, st: _Static, rows: int,
+                      enc) -> GenerateOutput:
     n = st.max_new_tokens
     seqs = jnp.full((rows, 1 + n), kn.pad, jnp.int32).at[:, 0].set(kn.start)
 
@@ -140,14 +112,14 @@ def _greedy_or_sample(model, cache, kn: _Knobs, st: _Static, rows: int) -> Gener
         i, seqs, done, cache = c
         tok = jax.lax.dynamic_slice_in_dim(seqs, i, 1, axis=1)
         logits, cache = model.decode_step(tok, cache, i)
-        scores = _process(logits[:, 0], i, kn, st)
-        if st.do_sample:
+        scores = processors.process(logits[:, 0], seqs, i, kn.proc, st.proc, enc)
+        if st.proc.do_sample:
             nxt = jax.random.categorical(jax.random.fold_in(kn.key, i), scores, axis=-1)
         else:
             nxt = jnp.argmax(scores, axis=-1)
         nxt = jnp.where(done, kn.pad, nxt).astype(jnp.int32)   # finished rows get pad
         seqs = jax.lax.dynamic_update_slice_in_dim(seqs, nxt[:, None], i + 1, axis=1)
-        return i + 1, seqs, done | _is_eos(nxt, kn.eos), cache
+        return i + 1, seqs, done | processors.is_eos(nxt, kn.proc.eos), cache
 
     i, seqs, _, _ = jax.lax.while_loop(cond, body, (jnp.int32(0), seqs, jnp.zeros(rows, bool),
                                                     cache))
@@ -172,10 +144,10 @@ class _Beams(NamedTuple):
     cache: object
 
 
-def _beam_search(model, cache, kn: _Knobs, st: _Static, batch: int) -> GenerateOutput:
+def _beam_search(model, cache, kn: _Knobs, st: _Static, batch: int, enc) -> GenerateOutput:
     """transformers' vectorised ``_beam_search`` (v4.50+), step for step, in one while_loop."""
     B, K, n = batch, st.num_beams, st.max_new_tokens
-    n_eos = kn.eos.shape[0]
+    n_eos = kn.proc.eos.shape[0]
     K2 = max(2, 1 + n_eos) * K               # candidates kept per step
     top_mask = jnp.arange(K2) < K            # only the first K may become finished hypotheses
     running = jnp.full((B, K, 1 + n), kn.fill, jnp.int32).at[:, :, 0].set(kn.start)
@@ -191,10 +163,11 @@ def _beam_search(model, cache, kn: _Knobs, st: _Static, batch: int) -> GenerateO
         i = s.i
         tok = s.running[:, :, i].reshape(B * K, 1)
         logits, cache = model.decode_step(tok, s.cache, i)
-        logp = _process(jax.nn.log_softmax(logits[:, 0], axis=-1), i, kn, st)
+        logp = processors.process(jax.nn.log_softmax(logits[:, 0], axis=-1),
+                                  s.running.reshape(B * K, 1 + n), i, kn.proc, st.proc, enc)
         V = logp.shape[-1]
         acc = (logp.reshape(B, K, V) + s.run_scores[:, :, None]).reshape(B, K * V)
-        if st.do_sample:  # multinomial without replacement == Gumbel top-k, in sampling order
+        if st.proc.do_sample:  # multinomial without replacement == Gumbel top-k, in sampling order
             g = jax.random.gumbel(jax.random.fold_in(kn.key, i), acc.shape)
             idx = jax.lax.top_k(acc + g, K2)[1]
             top_lp = jnp.take_along_axis(acc, idx, axis=1)
@@ -203,7 +176,7 @@ def _beam_search(model, cache, kn: _Knobs, st: _Static, batch: int) -> GenerateO
         src, new_tok = idx // V, (idx % V).astype(jnp.int32)
         cand = jax.lax.dynamic_update_slice_in_dim(_take(s.running, src), new_tok[:, :, None],
                                                    i + 1, axis=2)
-        hits = _is_eos(new_tok, kn.eos) | (i + 1 >= n)   # EOS or max length
+        hits = processors.is_eos(new_tok, kn.proc.eos) | (i + 1 >= n)   # EOS or max length
 
         # e. the best K candidates that did not finish continue
         run_lp = top_lp + hits.astype(jnp.float32) * _NEG
@@ -256,9 +229,12 @@ def _run(graphdef, st: _Static, state, input_ids, attention_mask, kn: _Knobs) ->
     expand = st.num_beams if st.beam else st.num_return_sequences
     cache = model.init_cache(encoded, attention_mask, max_length=st.cache_length,
                              rows_per_input=expand)
+    enc = None
+    if st.proc.encoder_ngram:
+        enc = processors.encoder_windows(input_ids, kn.input_length, st.proc.encoder_ngram, expand)
     if st.beam:
-        return _beam_search(model, cache, kn, st, B)
-    return _greedy_or_sample(model, cache, kn, st, B * expand)
+        return _beam_search(model, cache, kn, st, B, enc)
+    return _greedy_or_sample(model, cache, kn, st, B * expand, enc)
 
 
 _compiled = jax.jit(_run, static_argnums=(0, 1))
@@ -266,50 +242,25 @@ _compiled = jax.jit(_run, static_argnums=(0, 1))
 
 # -------------------------------------------------------------------------------- public API
 
-def _eos_ids(eos) -> tuple[int, ...]:
-    if eos is None:
-        return ()
-    if isinstance(eos, (int, np.integer)):
-        return (int(eos),)
-    return tuple(int(e) for e in eos)
+def resolve_config(model, generation_config: GenerationConfig | None = None,
+                   **kwargs) -> Resolved:
+    """transformers' precedence: ``kwargs`` > ``generation_config`` > the model's
+    ``generation_config`` (read from its checkpoint by the loader) > transformers' defaults."""
+    check_names(kwargs)
+    base = getattr(model, "generation_config", None) or GenerationConfig()
+    if generation_config is not None:
+        base = base.merged(generation_config)
+    return base.replace(**kwargs).resolve(model.config)
 
 
-def _prepare(model, input_ids, attention_mask, *, max_new_tokens, min_new_tokens, num_beams,
-             do_sample, temperature, top_k, top_p, length_penalty, early_stopping,
-             num_return_sequences, seed, eos_token_id, pad_token_id, decoder_start_token_id):
+def _prepare(model, input_ids, attention_mask, r: Resolved):
     cfg = model.config
     ids = np.asarray(input_ids)
     if ids.ndim != 2 or ids.shape[0] == 0 or ids.shape[1] == 0:
         raise ValueError(f"input_ids must be [batch, length] with both > 0, got shape {ids.shape}")
     if not np.issubdtype(ids.dtype, np.integer):
         raise ValueError(f"input_ids must be integer token ids, got dtype {ids.dtype}")
-    if max_new_tokens < 1:
-        raise ValueError(f"{max_new_tokens=} must be >= 1")
-    if not 0 <= min_new_tokens:
-        raise ValueError(f"{min_new_tokens=} must be >= 0")
-    if num_beams < 1:
-        raise ValueError(f"{num_beams=} must be >= 1")
-    if num_return_sequences < 1:
-        raise ValueError(f"{num_return_sequences=} must be >= 1")
-    if num_beams > 1 and num_return_sequences > num_beams:
-        raise ValueError(f"{num_return_sequences=} must be <= {num_beams=}")
-    if num_beams == 1 and not do_sample and num_return_sequences > 1:
-        raise ValueError("greedy decoding returns one sequence per input: "
-                         f"{num_return_sequences=} needs do_sample=True or num_beams > 1")
-    if early_stopping not in (True, False, "never"):
-        raise ValueError(f"{early_stopping=} must be True, False or 'never'")
-    if do_sample:
-        if not temperature > 0:
-            raise ValueError(f"{temperature=} must be > 0 when sampling")
-        if not 0 < top_p <= 1:
-            raise ValueError(f"{top_p=} must be in (0, 1]")
-        if top_k < 0:
-            raise ValueError(f"{top_k=} must be >= 0")
-    pad = cfg.pad_token_id if pad_token_id is None else int(pad_token_id)
-    start = cfg.decoder_start_token_id if decoder_start_token_id is None else int(
-        decoder_start_token_id)
-    eos = _eos_ids(cfg.eos_token_id if eos_token_id is None else eos_token_id)
-
+    pad, eos, n = r.pad, r.eos, r.max_new_tokens
     B, S = ids.shape
     if attention_mask is None:  # transformers: mask pads only if the pad id occurs (and != eos)
         mask = (ids != pad) if (pad in ids and pad not in eos) else np.ones_like(ids)
@@ -323,75 +274,51 @@ def _prepare(model, input_ids, attention_mask, *, max_new_tokens, min_new_tokens
     mask_b = np.zeros((B, Sb), np.int32)
     mask_b[:, :S] = mask != 0
 
-    beam = num_beams > 1
-    cache_length = max_new_tokens
+    beam = r.num_beams > 1
+    cache_length = n
     if resolve_impl(cfg.attention) == "pallas":  # whole Triton tiles: no padding copy per step
-        cache_length = -(-max_new_tokens // 16) * 16
-    st = _Static(beam=beam, do_sample=bool(do_sample), max_new_tokens=int(max_new_tokens),
-                 cache_length=cache_length, num_beams=int(num_beams),
-                 num_return_sequences=int(num_return_sequences),
-                 top_k=int(top_k) if do_sample else 0,
-                 use_top_p=bool(do_sample and top_p < 1.0),
-                 early_stopping=early_stopping if beam else False,
-                 min_tokens_to_keep=(1 + len(eos)) if beam else 1)
+        cache_length = -(-n // 16) * 16
+    proc_st, proc_kn = processors.build(r, cfg.vocab_size, beam=beam)
+    st = _Static(beam=beam, max_new_tokens=n, cache_length=cache_length,
+                 num_beams=r.num_beams, num_return_sequences=r.num_return_sequences,
+                 early_stopping=r.early_stopping if beam else False, proc=proc_st)
     with np.errstate(divide="ignore"):  # index 0 is never used
-        den = np.arange(max_new_tokens + 2, dtype=np.float64) ** float(length_penalty)
+        den = np.arange(n + 2, dtype=np.float64) ** float(r.length_penalty)
     den[0] = 1.0
-    kn = _Knobs(temperature=np.float32(temperature if do_sample else 1.0),
-                top_p_cut=np.float32(1.0 - float(top_p)),
-                never_long=np.bool_(early_stopping == "never" and length_penalty > 0.0),
-                denominators=den.astype(np.float32),
-                min_new_tokens=np.int32(min_new_tokens), eos=np.asarray(eos, np.int32),
-                pad=np.int32(pad), start=np.int32(start),
+    kn = _Knobs(proc=proc_kn,
+                never_long=np.bool_(r.early_stopping == "never" and r.length_penalty > 0.0),
+                denominators=den.astype(np.float32), pad=np.int32(pad), start=np.int32(r.start),
                 # transformers' beam filler: ``pad_token_id or eos_token_id[0] if eos else -1``
-                fill=np.int32((pad or eos[0]) if eos else -1),
-                key=jax.random.key(int(seed)))
+                fill=np.int32((pad or eos[0]) if eos else -1), input_length=np.int32(S),
+                key=jax.random.key(int(r.seed)))
     return st, ids_b, mask_b, kn
 
 
-def generate_fixed(model, input_ids, attention_mask=None, **kwargs) -> GenerateOutput:
+def generate_fixed(model, input_ids, attention_mask=None,
+                   generation_config: GenerationConfig | None = None, **kwargs) -> GenerateOutput:
     """``generate`` without the host-side trim: fixed-shape device arrays, no synchronisation.
 
     ``sequences [B * R, 1 + max_new_tokens]``; ``length``: how many leading columns transformers
-    would return. Same keyword arguments as :func:`generate`.
+    would return. Same arguments as :func:`generate`.
     """
-    opts = dict(_DEFAULTS)
-    unknown = set(kwargs) - set(opts)
-    if unknown:
-        raise TypeError(f"unknown generation arguments: {sorted(unknown)}")
-    opts.update(kwargs)
-    st, ids, mask, kn = _prepare(model, input_ids, attention_mask, **opts)
+    r = resolve_config(model, generation_config, **kwargs)
+    st, ids, mask, kn = _prepare(model, input_ids, attention_mask, r)
     graphdef, state = nnx.split(model)
     return _compiled(graphdef, st, state, ids, mask, kn)
 
 
-_DEFAULTS = dict(max_new_tokens=64, min_new_tokens=0, num_beams=1, do_sample=False,
-                 temperature=1.0, top_k=0, top_p=1.0, length_penalty=1.0, early_stopping=False,
-                 num_return_sequences=1, seed=0, eos_token_id=None, pad_token_id=None,
-                 decoder_start_token_id=None)
-
-
-def generate(model, input_ids, attention_mask=None, *, max_new_tokens: int = 64,
-             min_new_tokens: int = 0, num_beams: int = 1, do_sample: bool = False,
-             temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-             length_penalty: float = 1.0, early_stopping: bool | str = False,
-             num_return_sequences: int = 1, seed: int = 0,
-             eos_token_id: int | Sequence[int] | None = None, pad_token_id: int | None = None,
-             decoder_start_token_id: int | None = None) -> np.ndarray:
+def generate(model, input_ids, attention_mask=None,
+             generation_config: GenerationConfig | None = None, **kwargs) -> np.ndarray:
     """Token ids ``[B * num_return_sequences, 1 + n]`` int32, laid out as transformers' output.
 
-    Greedy (default), sampling (``do_sample``: temperature → top-k → top-p, reproducible per
-    ``seed``), beam search (``num_beams > 1``, with ``length_penalty`` and ``early_stopping``
-    True / False / "never"), or beam sampling (both). ``min_new_tokens`` masks EOS until that
-    many tokens exist. Ids default to the model config's. See the module docstring for what
-    triggers a compilation.
+    ``kwargs`` are :class:`jt5.generation_config.GenerationConfig` fields (transformers' names:
+    ``max_new_tokens``, ``num_beams``, ``do_sample``, ``temperature``, ``top_k``, ``top_p``,
+    ``repetition_penalty``, ``no_repeat_ngram_size``, ``bad_words_ids``, ...; ``seed`` for
+    sampling). Unset ones come from ``generation_config``, then the model's checkpoint
+    (``model.generation_config``), then transformers' defaults — so ``generate(model, ids)``
+    produces what transformers' ``generate(ids)`` does for the same directory. See the module
+    docstring for what triggers a compilation.
     """
-    out = generate_fixed(
-        model, input_ids, attention_mask, max_new_tokens=max_new_tokens,
-        min_new_tokens=min_new_tokens, num_beams=num_beams, do_sample=do_sample,
-        temperature=temperature, top_k=top_k, top_p=top_p, length_penalty=length_penalty,
-        early_stopping=early_stopping, num_return_sequences=num_return_sequences, seed=seed,
-        eos_token_id=eos_token_id, pad_token_id=pad_token_id,
-        decoder_start_token_id=decoder_start_token_id)
+    out = generate_fixed(model, input_ids, attention_mask, generation_config, **kwargs)
     width = int(out.length)
     return np.asarray(out.sequences[:, :width])

@@ -181,11 +181,18 @@ def test_processors_match_transformers():
     import torch
     from transformers.generation import logits_process as lp
 
+    from jt5 import processors
+    from jt5.generation_config import GenerationConfig
+
+    class Cfg:
+        vocab_size, eos_token_id, pad_token_id, decoder_start_token_id = 50, 4, 0, 0
+
     rng = np.random.default_rng(0)
     scores = (3 * rng.standard_normal((4, 50))).astype(np.float32)
     scores[0, :3] = scores[0, 3]  # ties at the top-k boundary
-    for top_k, top_p, temp, keep in ((0, 0.7, 0.6, 1), (7, 1.0, 1.4, 1), (7, 0.3, 0.9, 2),
-                                     (1, 0.05, 1.0, 2)):
+    for top_k, top_p, temp, beams in ((0, 0.7, 0.6, 1), (7, 1.0, 1.4, 1), (7, 0.3, 0.9, 2),
+                                      (1, 0.05, 1.0, 2)):
+        keep = 2 if beams > 1 else 1  # 1 + #eos when beam sampling
         procs = lp.LogitsProcessorList([lp.MinNewTokensLengthLogitsProcessor(
             1, 3, torch.tensor([4]))])
         if temp != 1.0:
@@ -195,13 +202,11 @@ def test_processors_match_transformers():
         if top_p < 1:
             procs.append(lp.TopPLogitsWarper(top_p, min_tokens_to_keep=keep))
         ref = procs(torch.zeros((4, 2), dtype=torch.long), torch.as_tensor(scores)).numpy()
-        st = gen._Static(beam=keep > 1, do_sample=True, max_new_tokens=8, cache_length=8,
-                         num_beams=1, num_return_sequences=1, top_k=top_k,
-                         use_top_p=top_p < 1, early_stopping=False, min_tokens_to_keep=keep)
-        kn = gen._Knobs(temperature=np.float32(temp), top_p_cut=np.float32(1 - top_p),
-                        never_long=False, denominators=None, min_new_tokens=np.int32(3),
-                        eos=np.array([4], np.int32), pad=0, start=0, fill=1, key=None)
-        ours = np.asarray(gen._process(jnp.asarray(scores), 1, kn, st))
+        r = GenerationConfig(do_sample=True, top_k=top_k, top_p=top_p, temperature=temp,
+                             num_beams=beams, min_new_tokens=3, max_new_tokens=8).resolve(Cfg)
+        st, kn = processors.build(r, 50, beam=beams > 1)
+        ours = np.asarray(processors.process(jnp.asarray(scores), jnp.zeros((4, 9), jnp.int32),
+                                             1, kn, st))
         np.testing.assert_allclose(ours, ref, rtol=1e-6, atol=0)
 
 
