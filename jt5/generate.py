@@ -48,7 +48,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jt5 import processors
+from jt5 import processors, sharding
 from jt5.attention_ops import resolve_impl
 from jt5.generation_config import GenerationConfig, Resolved, check_names
 
@@ -295,7 +295,8 @@ def _prepare(model, input_ids, attention_mask, r: Resolved):
 
 
 def generate_fixed(model, input_ids, attention_mask=None,
-                   generation_config: GenerationConfig | None = None, **kwargs) -> GenerateOutput:
+                   generation_config: GenerationConfig | None = None, *, mesh=None,
+                   **kwargs) -> GenerateOutput:
     """``generate`` without the host-side trim: fixed-shape device arrays, no synchronisation.
 
     ``sequences [B * R, 1 + max_new_tokens]``; ``length``: how many leading columns transformers
@@ -304,11 +305,34 @@ def generate_fixed(model, input_ids, attention_mask=None,
     r = resolve_config(model, generation_config, **kwargs)
     st, ids, mask, kn = _prepare(model, input_ids, attention_mask, r)
     graphdef, state = nnx.split(model)
-    return _compiled(graphdef, st, state, ids, mask, kn)
+    if mesh is None:
+        return _compiled(graphdef, st, state, ids, mask, kn)
+    return _sharded(graphdef, st, state, ids, mask, kn, mesh)
+
+
+def _sharded(graphdef, st, state, ids, mask, kn, mesh) -> GenerateOutput:
+    """The same program under ``mesh``: rows over data x fsdp, weights by ``jt5.sharding``'s
+    logical rules (tensor: heads / MLP / vocab; fsdp: embed). The model's activation
+    constraints name the mesh's axes, so the program is traced inside ``jax.set_mesh``."""
+    B = ids.shape[0]
+    split = mesh.shape["data"] * mesh.shape["fsdp"]
+    extra = -B % split  # whole rows per device: pad the batch with empty prompts, drop them after
+    if extra:
+        ids = np.concatenate([ids, np.full((extra, ids.shape[1]), kn.pad, ids.dtype)])
+        mask = np.concatenate([mask, np.zeros((extra, mask.shape[1]), mask.dtype)])
+        mask[B:, 0] = 1  # one visible token, so the padding rows stay finite
+    state = jax.device_put(state, sharding.param_shardings(state, mesh))  # no-op when placed
+    rows = sharding.batch_sharding(mesh, 2)
+    with jax.set_mesh(mesh):
+        out = _compiled(graphdef, st, state, jax.device_put(ids, rows),
+                        jax.device_put(mask, rows), kn)
+    keep = B * st.num_return_sequences  # rows b*R .. b*R+R-1 belong to input b
+    return GenerateOutput(out.sequences[:keep], out.length)
 
 
 def generate(model, input_ids, attention_mask=None,
-             generation_config: GenerationConfig | None = None, **kwargs) -> np.ndarray:
+             generation_config: GenerationConfig | None = None, *, mesh=None,
+             **kwargs) -> np.ndarray:
     """Token ids ``[B * num_return_sequences, 1 + n]`` int32, laid out as transformers' output.
 
     ``kwargs`` are :class:`jt5.generation_config.GenerationConfig` fields (transformers' names:
@@ -317,8 +341,11 @@ def generate(model, input_ids, attention_mask=None,
     sampling). Unset ones come from ``generation_config``, then the model's checkpoint
     (``model.generation_config``), then transformers' defaults — so ``generate(model, ids)``
     produces what transformers' ``generate(ids)`` does for the same directory. See the module
-    docstring for what triggers a compilation.
+    docstring for what triggers a compilation. ``mesh`` (``jt5.sharding.make_mesh``): run
+    sharded, rows over data x fsdp and weights over tensor / fsdp; the tokens are the
+    single-device run's.
     """
-    out = generate_fixed(model, input_ids, attention_mask, generation_config, **kwargs)
+    out = generate_fixed(model, input_ids, attention_mask, generation_config, mesh=mesh,
+                         **kwargs)
     width = int(out.length)
     return np.asarray(out.sequences[:, :width])

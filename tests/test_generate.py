@@ -260,6 +260,26 @@ def test_bucket_length_and_bad_arguments(tmp_path_factory):
         gen.generate(model, ids, mask[:, :5])
 
 
+def test_sharded_generation_equals_single_device(tmp_path_factory):
+    """On a 2x2x2 (data, fsdp, tensor) mesh of 8 CPU devices: rows over data x fsdp (3 rows
+    padded to 4), heads / MLP over tensor, embed over fsdp; the same tokens as one device."""
+    import jax
+
+    from jt5 import sharding
+
+    if len(jax.devices()) < 8:
+        pytest.skip("needs 8 devices (tests/conftest.py sets XLA_FLAGS)")
+    _, model = _model("t5-v1_1", tmp_path_factory)
+    mesh = sharding.make_mesh("data=2,fsdp=2,tensor=2")
+    ids, mask = _inputs(seed=9)
+    for kw in (dict(eos_token_id=94), dict(num_beams=3, num_return_sequences=2,
+                                           no_repeat_ngram_size=2, eos_token_id=94)):
+        one = gen.generate(model, ids, mask, max_new_tokens=NEW, **kw)
+        out = gen.generate_fixed(model, ids, mask, max_new_tokens=NEW, mesh=mesh, **kw)
+        assert len(out.sequences.sharding.device_set) == 8
+        _assert_same(np.asarray(out.sequences[:, :int(out.length)]), one, f"sharded {kw}")
+
+
 def test_cli_generate(tmp_path, capsys):
     """``jt5 generate`` prints one text per input: what the library gives for the same ids."""
     from jt5.cli import main
