@@ -39,9 +39,11 @@ VARIANTS = {
     "longt5-tglobal": ("longt5", dict(feed_forward_proj="gated-gelu", local_radius=5,
                                       encoder_attention_type="transient-global",
                                       global_block_size=4), True),
+    # A large epsilon: RMSNorm is scale-invariant up to it, so only then does a block MEAN
+    # instead of transformers' SUM (_create_global_aggregates) change the logits.
     "longt5-tglobal-tied": ("longt5", dict(feed_forward_proj="relu", local_radius=3,
                                            encoder_attention_type="transient-global",
-                                           global_block_size=5), False),
+                                           global_block_size=5, layer_norm_epsilon=0.5), False),
 }
 
 
