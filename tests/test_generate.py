@@ -299,6 +299,59 @@ def test_cli_generate(tmp_path, capsys):
         main(["generate", "--model", str(tmp_path / "missing"), "x"])
 
 
+def test_cli_task_and_batch_files(tmp_path, capsys, monkeypatch):
+    """``--task`` applies config.json's task_specific_params and prefix (transformers'
+    pipelines); ``--input`` .jsonl / stdin with ``--output`` keeps input order across length
+    buckets and batches, each output what the library gives for that prompt alone."""
+    import io
+    import json
+
+    from jt5.cli import main
+    from jt5.tokenizer import load_tokenizer
+
+    d = tmp_path / "m"
+    hf_models.build("byt5", d)
+    raw = json.loads((d / "config.json").read_text())
+    task = {"num_beams": 2, "max_length": 6, "no_repeat_ngram_size": 2, "prefix": "sum: "}
+    raw["task_specific_params"] = {"summarization": task}
+    (d / "config.json").write_text(json.dumps(raw))
+    tok = load_tokenizer("byte")
+    model = jt5.T5ForConditionalGeneration.from_pretrained(d)
+
+    def alone(text, show=False, **kw):
+        enc = tok.encode_batch([text])
+        row = gen.generate(model, enc.input_ids, enc.attention_mask, **kw)[0, 1:].tolist()
+        while row and row[-1] == tok.pad_id:
+            row.pop()
+        return tok.decode(row, skip_special_tokens=not show)
+
+    assert main(["generate", "--model", str(d), "--tokenizer", "byte", "--task",
+                 "summarization", "hello"]) == 0
+    want = alone("sum: hello", num_beams=2, max_length=6, no_repeat_ngram_size=2)
+    assert capsys.readouterr().out.splitlines() == [want]
+    assert main(["generate", "--model", str(d), "--tokenizer", "byte", "--task", "translation",
+                 "x"]) == 1
+    assert "--task translation" in capsys.readouterr().err
+
+    prompts = ["a much longer prompt than the others, past sixteen bytes", "hi", "mid size",
+               "yo"]
+    src = tmp_path / "p.jsonl"
+    src.write_text("".join(json.dumps({"text": p}) + "\n" for p in prompts))
+    out = tmp_path / "o.jsonl"
+    assert main(["generate", "--model", str(d), "--tokenizer", "byte", "--input", str(src),
+                 "--output", str(out), "--batch-size", "2", "--max-new-tokens", "5",
+                 "--show-special-tokens"]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["index"] for r in rows] == [0, 1, 2, 3]
+    assert [r["input"] for r in rows] == prompts
+    assert [r["output"] for r in rows] == [alone(p, True, max_new_tokens=5) for p in prompts]
+    capsys.readouterr()
+    monkeypatch.setattr("sys.stdin", io.StringIO("hi\n\nyo\n"))
+    assert main(["generate", "--model", str(d), "--tokenizer", "byte", "--input", "-",
+                 "--max-new-tokens", "5", "--show-special-tokens"]) == 0
+    assert capsys.readouterr().out.splitlines() == [rows[1]["output"], rows[3]["output"]]
+
+
 @pytest.mark.slow
 def test_pallas_generate_equals_xla(tmp_path):
     """The whole loop on the kernels (interpret mode on CPU): flash attention in the encoder,
