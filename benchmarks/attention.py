@@ -3,12 +3,17 @@
     python benchmarks/attention.py                      # GPU: T=S in 512, 2k, 8k, 32k, bf16
     python benchmarks/attention.py --cpu-small          # CPU (default without a GPU): tiny
     python benchmarks/attention.py --json out.json --lengths 512,2048 --modes encoder
+    python benchmarks/attention.py --encoder t5-base --lengths 512,8192 --markdown enc.md
 
 Peers, each run in the same process on the same inputs:
 - ``xla_ref``: ``pallas_kernels.reference.attention_reference`` (dense [1,N,T,S] bias + mask);
 - ``dpa_xla`` / ``dpa_cudnn``: ``jax.nn.dot_product_attention`` with the dense bias
   (implementation None resp. "cudnn"; cuDNN only on a GPU);
 - ``pallas_mha``: jax's own Pallas ``mha`` with no bias at all: a ceiling, not a peer.
+
+``--encoder PRESET`` times a whole T5 encoder forward instead (random weights): jt5 with the
+Pallas kernels and with XLA attention against transformers' PyTorch T5 with
+``attn_implementation="sdpa"`` on the same device and inputs (bf16 by default on a GPU).
 
 FLOPs (DESIGN.md): forward ``4*B*N*T*S*H`` (half that causal), backward 2.5x forward. The
 "floor" row is those FLOPs at the device's dense bf16 peak. Memory is the compiled program's
@@ -28,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
 
 from pallas_kernels.flash_attention import flash_attention  # noqa: E402
 from pallas_kernels.reference import attention_reference, dense_bias  # noqa: E402
@@ -101,6 +107,7 @@ def bench_one(name, fn, has_bias, args, repeats):
     try:
         row["fwd_s"] = _median_time(fwd, args, repeats)
         row["fwd_bwd_s"] = _median_time(loss, args, repeats)
+        row["bwd_s"] = max(row["fwd_bwd_s"] - row["fwd_s"], 1e-12)  # the backward alone
         row["temp_bytes"] = _temp_bytes(loss, args)
     except Exception as e:  # OOM, unsupported config (e.g. cuDNN with this bias), ...
         row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:100]}"
@@ -126,7 +133,8 @@ def run(lengths, modes, *, H, dtype, tokens, heads, repeats, on_gpu, skip_dense_
                 else:
                     row = bench_one(name, fn, has_bias, (q, k, v, table), repeats)
                 row.update(mode=mode, B=B, N=heads, T=L, S=L, H=H, dtype=jnp.dtype(dtype).name,
-                           fwd_flops=fwd_flops, fwd_bwd_flops=all_flops)
+                           fwd_flops=fwd_flops, fwd_bwd_flops=all_flops,
+                           bwd_flops=all_flops - fwd_flops)
                 rows.append(row)
                 print(f"  {mode} T={L} {name}: {row.get('error') or 'ok'}", file=sys.stderr)
     peak = peak_flops(device.device_kind) if on_gpu else None
@@ -179,6 +187,119 @@ def print_table(rows, peak, on_gpu):
             print(f"process peak GPU memory: {stats['peak_bytes_in_use'] / 2**30:.2f} GiB")
 
 
+# ---------------------------------------------------------------------------- whole encoder
+
+def run_encoder(preset, lengths, *, dtype, tokens, repeats, on_gpu, workdir):
+    """T5 encoder forward on ``tokens // T`` rows of T tokens: jt5 (pallas, xla) vs
+    transformers' PyTorch SDPA, same random weights. Rows: impl, T, B, seconds, tokens/s, peak."""
+    import torch
+    import transformers
+
+    import jt5
+    from flax import nnx
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from generate import hf_config  # one jt5 -> transformers config mapping for the benchmarks
+
+    torch.manual_seed(0)
+    cfg = jt5.preset(preset)
+    hf = transformers.T5EncoderModel(hf_config(cfg)).eval()
+    path = Path(workdir) / f"{preset}-encoder"
+    hf.save_pretrained(path)
+    dev = "cuda" if on_gpu and torch.cuda.is_available() else "cpu"
+    hf = transformers.T5EncoderModel.from_pretrained(
+        path, attn_implementation="sdpa", dtype=getattr(torch, dtype)).to(dev).eval()
+    impls = ["pallas", "xla"] if on_gpu else ["xla", "pallas"]
+    models = {a: jt5.T5EncoderModel.from_pretrained(path, dtype=dtype, attention=a) for a in impls}
+    rows = []
+    for L in lengths:
+        B = max(1, tokens // L)
+        ids = np.random.default_rng(0).integers(2, cfg.vocab_size, (B, L)).astype(np.int32)
+        mask = np.ones_like(ids)
+        mask[B // 2:, L - L // 8:] = 0     # half the rows padded: the mask path is exercised
+        for a, model in models.items():
+            graphdef, state = nnx.split(model)
+            fwd = jax.jit(lambda st, i, m, _g=graphdef: nnx.merge(_g, st)(i, m))
+            row = {"impl": f"jt5_{a}", "T": L, "B": B}
+            try:
+                row["s"] = median_time(fwd, state, ids, mask, repeats=repeats, warmup=2)
+                row["temp_bytes"] = _temp_bytes(fwd, (state, ids, mask))
+            except Exception as e:  # OOM (the dense XLA path at long T), ...
+                row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:100]}"
+            rows.append(row)
+        t_ids = torch.as_tensor(ids, dtype=torch.long, device=dev)
+        t_mask = torch.as_tensor(mask, device=dev)
+        row = {"impl": "hf_sdpa", "T": L, "B": B}
+        try:
+            def run_hf():
+                with torch.inference_mode():
+                    out = hf(input_ids=t_ids, attention_mask=t_mask).last_hidden_state
+                if dev == "cuda":
+                    torch.cuda.synchronize()
+                return out
+            if dev == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            run_hf()
+            row["s"] = _wall_median(run_hf, repeats)
+            if dev == "cuda":
+                row["peak_bytes"] = int(torch.cuda.max_memory_allocated())
+        except Exception as e:  # noqa: BLE001 - OOM at long T is a result
+            row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:100]}"
+        rows.append(row)
+        for r in rows[-len(models) - 1:]:
+            r.update(preset=preset, dtype=dtype, tokens=B * L)
+            if "s" in r:
+                r["tokens_per_s"] = B * L / r["s"]
+            print(f"  encoder T={L} {r['impl']}: {r.get('error') or 'ok'}", file=sys.stderr)
+    return rows
+
+
+def _wall_median(fn, repeats):
+    import statistics
+    import time
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def encoder_markdown(rows) -> str:
+    out = ["| preset | T | B | impl | ms | tokens/s | x hf | memory MiB |",
+           "|---|---|---|---|---|---|---|---|"]
+    hf = {r["T"]: r for r in rows if r["impl"] == "hf_sdpa" and "s" in r}
+    for r in rows:
+        if "error" in r:
+            out.append(f"| {r['preset']} | {r['T']} | {r['B']} | {r['impl']} | {r['error']} "
+                       "| | | |")
+            continue
+        ratio = f"{hf[r['T']]['s'] / r['s']:.2f}" if r["T"] in hf else "n/a"
+        mem = r.get("peak_bytes") or r.get("temp_bytes")
+        mem = f"{mem / 2**20:.0f}" if mem else "n/a"
+        out.append(f"| {r['preset']} | {r['T']} | {r['B']} | {r['impl']} | {r['s'] * 1e3:.2f} | "
+                   f"{r['tokens_per_s']:.0f} | {ratio} | {mem} |")
+    out.append("\nx hf = transformers SDPA time / this row's time (> 1: faster than transformers). "
+               "Memory: jt5 rows the compiled program's temporaries, hf the CUDA allocator's peak.")
+    return "\n".join(out)
+
+
+def attention_markdown(rows, peak) -> str:
+    out = ["| mode | T=S | B | impl | fwd ms | fwd TF/s | bwd ms | bwd TF/s | temp MiB |",
+           "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lead = f"| {r['mode']} | {r['T']} | {r['B']} | {r['impl']} |"
+        if "error" in r:
+            out.append(f"{lead} {r['error']} | | | | |")
+            continue
+        mem = f"{r['temp_bytes'] / 2**20:.0f}" if r.get("temp_bytes") is not None else "n/a"
+        out.append(f"{lead} {r['fwd_s'] * 1e3:.3f} | {r['fwd_flops'] / r['fwd_s'] / 1e12:.1f} | "
+                   f"{r['bwd_s'] * 1e3:.3f} | {r['bwd_flops'] / r['bwd_s'] / 1e12:.1f} | {mem} |")
+    if peak:
+        out.append(f"\nDense bf16 peak of this device: {peak / 1e12:.0f} TFLOP/s. pallas_mha has "
+                   "no bias (a ceiling); dpa_* and xla_ref take a dense bias.")
+    return "\n".join(out)
+
+
 def main(argv=None):
     on_gpu = jax.default_backend() == "gpu"
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -195,8 +316,25 @@ def main(argv=None):
     ap.add_argument("--skip-dense-over-gib", type=float, default=24.0,
                     help="skip dense peers whose f32 score matrix exceeds this")
     ap.add_argument("--json", default=None, help="also write the rows to this file")
+    ap.add_argument("--markdown", default=None, help="also write a markdown table to this file")
+    ap.add_argument("--encoder", default=None, metavar="PRESET",
+                    help="time a whole jt5 encoder vs transformers SDPA instead (e.g. t5-base)")
     args = ap.parse_args(argv)
     small = args.cpu_small
+    if args.encoder:
+        import tempfile
+        with tempfile.TemporaryDirectory() as workdir:
+            rows = run_encoder(
+                args.encoder, [int(x) for x in (args.lengths or ("64" if small else "512,8192")
+                                                ).split(",")],
+                dtype=args.dtype or ("float32" if small else "bfloat16"),
+                tokens=args.tokens or (128 if small else 16384),
+                repeats=args.repeats or (1 if small else 10), on_gpu=on_gpu and not small,
+                workdir=workdir)
+        table = encoder_markdown(rows)
+        print(f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}\n{table}")
+        _write_outputs(args, rows, None, table)
+        return
     lengths = [int(x) for x in (args.lengths or ("128,256" if small else
                                                  "512,2048,8192,32768")).split(",")]
     rows, peak = run(
@@ -206,10 +344,17 @@ def main(argv=None):
         repeats=args.repeats or (3 if small else 20), on_gpu=on_gpu and not small,
         skip_dense_over=args.skip_dense_over_gib * 2**30)
     print_table(rows, peak, on_gpu and not small)
+    _write_outputs(args, rows, peak, attention_markdown(rows, peak))
+
+
+def _write_outputs(args, rows, peak, table):
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": jax.devices()[0].device_kind, "backend": jax.default_backend(),
                        "jax": jax.__version__, "peak_flops": peak, "rows": rows}, f, indent=1)
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(table + "\n")
 
 
 if __name__ == "__main__":

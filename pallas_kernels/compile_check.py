@@ -172,13 +172,18 @@ def configurations(arch: str, *, dtypes=("bfloat16", "float16"), head_dims=(64, 
                    masks=FLASH_MASKS + DECODE_MASKS, kernels=("flash", "decode"),
                    path: str = tuning.TABLE_PATH) -> list[Config]:
     """The configurations the model can launch on ``arch``, as the tuning table selects them."""
+    for name, given, known in (("mask", masks, FLASH_MASKS + DECODE_MASKS),
+                               ("kernel", kernels, ("flash", "decode")),
+                               ("arch", (arch,), tuple(ARCH_GPUS))):
+        for x in given:
+            if x not in known:
+                raise ValueError(f"{name} {x!r} must be one of {sorted(known)}")
     out = []
     for dtype, H in ((d, h) for d in dtypes for h in head_dims):
         if "flash" in kernels:
             for mask in (m for m in FLASH_MASKS if m in masks):
                 sel = selected_block_sizes(arch, H, dtype, mask == "causal_packing", path)
-                out += [Config("flash", dtype, H, mask, bs, tuple(src)) for bs, src in sel.items()
-                        if min(bs.block_q, bs.block_k) >= 16]
+                out += [Config("flash", dtype, H, mask, bs, tuple(src)) for bs, src in sel.items()]
         if "decode" in kernels:
             out += [Config("decode", dtype, H, mask, decode_lib.BlockSizes(), ("default",))
                     for mask in DECODE_MASKS if mask in masks]
@@ -339,7 +344,8 @@ def _short_warnings(ws) -> str:
 
 
 def _cells(row: dict) -> list[str]:
-    spill = "-" if row.get("spill_stores") is None else f"{row['spill_stores']}/{row['spill_loads']}"
+    spill = ("-" if row.get("spill_stores") is None
+             else f"{row['spill_stores']}/{row['spill_loads']}")
     smem = "-" if row.get("shared") is None else f"{row['shared'] / 1024:.1f}"
     verdict = "ok" if not row["problems"] else "FAIL: " + "; ".join(row["problems"])
     return [row["kernel"], row["dtype"], str(row["head_dim"]), row["mask"], row["tile"],

@@ -95,7 +95,7 @@ def heuristic_block_sizes(device_kind: str, T: int, S: int, H: int, dtype, causa
     if kind in ("interpret", "cpu"):
         bs = _INTERPRET
     elif H <= 64:   # Hopper/Ampere, T5's head dim. 8 warps: at 4 the 128x64 forward tile
-        # spills under every elementwise mask (255 registers; `python -m pallas_kernels.compile_check`)
+        # spills under every elementwise mask (255 registers; see pallas_kernels.compile_check)
         bs = BlockSizes(block_q=128, block_k=64, num_warps=8, num_stages=3,
                         block_q_dkv=32, block_k_dkv=64, block_q_dq=64, block_k_dq=32,
                         num_warps_bwd=4, num_stages_bwd=2)

@@ -86,3 +86,10 @@ def test_cli_help_and_json(tmp_path, capsys):
     assert row["ok"] and row["spill_stores"] == 0 and row["shared"] < cc.SMEM_LIMIT["sm_90a"]
     with pytest.raises(ValueError, match="arch='sm_75'"):
         cc.run_check([], "sm_75")
+
+
+def test_unknown_selection_names_the_value():
+    with pytest.raises(ValueError, match="mask 'causal_only'"):
+        cc.configurations("sm_90a", masks=("causal_only",))
+    with pytest.raises(ValueError, match="arch 'sm_75'"):
+        cc.configurations("sm_75")

@@ -1,0 +1,113 @@
+#!/usr/bin/env bash
+# The one command to run when a GPU is lent (under 8 minutes on an H100/H200, start-up aside):
+#
+#   benchmarks/gpu.sh OUT_DIR          # or: OUT=/path benchmarks/gpu.sh
+#   benchmarks/gpu.sh --dry-run DIR    # CPU, tiny sizes, interpret mode: proves the script works
+#
+# Steps, each under its own timeout (and all under GPU_SH_BUDGET_S, default 450 s) so that one
+# hang cannot eat the budget; a failing step is recorded and the next one runs:
+#   gpu_tests   pytest -m gpu (compiled kernels vs interpret mode vs the reference)
+#   autotune    bounded autotune (time budget) that rewrites pallas_kernels/tuning_table.json
+#               (a copy lands in OUT_DIR); the steps after it use the new table
+#   attention   benchmarks/attention.py: jt5 vs Pallas mha (no bias, a ceiling), cuDNN and XLA
+#               with a dense bias; fwd/bwd TFLOP/s and memory, T=S 512..32k, D=64, bf16
+#   encoder     T5-base encoder bf16 at 512 and 8k tokens: jt5 (pallas, xla) vs transformers SDPA
+#   generate    benchmarks/generate.py, t5-base bf16, jt5 vs transformers
+#   train       benchmarks/train.py: T5-base UL2 train step, tokens/s and MFU, pallas vs xla
+# Everything goes to OUT_DIR: STEP.log per step, the benchmarks' JSON and markdown,
+# summary.json and summary.md (one table of the steps, then the benchmark tables).
+set -u
+DRY=0
+if [[ "${1:-}" == "--dry-run" ]]; then DRY=1; shift; fi
+OUT_DIR="${1:-${OUT:-}}"
+if [[ -z "$OUT_DIR" ]]; then
+  echo "usage: benchmarks/gpu.sh [--dry-run] OUT_DIR   (or set OUT)" >&2
+  exit 2
+fi
+mkdir -p "$OUT_DIR"
+OUT_DIR="$(cd "$OUT_DIR" && pwd)"
+cd "$(dirname "$0")/.."
+export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}"
+PY="${PYTHON:-python}"
+# The dry run's limits only catch hangs: a loaded CI machine may take several times its ~70 s.
+DEADLINE=$((SECONDS + ${GPU_SH_BUDGET_S:-$(( DRY ? 1500 : 450 ))}))
+: > "$OUT_DIR/steps.tsv"
+
+# step NAME TIMEOUT_S CMD...: run CMD with its output in NAME.log, at most TIMEOUT_S seconds
+# (less if the overall budget is nearly spent); record rc and wall time.
+step() {
+  local name="$1" limit="$2"; shift 2
+  local left=$((DEADLINE - SECONDS))
+  if (( left < 10 )); then
+    printf '%s\tskipped\t0\tno budget left\n' "$name" >> "$OUT_DIR/steps.tsv"
+    echo "== $name: skipped (budget spent)"; return
+  fi
+  (( limit > left )) && limit=$left
+  echo "== $name (timeout ${limit}s): $*"
+  local t0=$SECONDS rc
+  timeout -k 10 "$limit" "$@" > "$OUT_DIR/$name.log" 2>&1
+  rc=$?
+  local status=ok
+  (( rc == 124 || rc == 137 )) && status="timeout"
+  (( rc != 0 && rc != 124 && rc != 137 )) && status="failed"
+  printf '%s\t%s\t%s\trc=%s\n' "$name" "$status" "$((SECONDS - t0))" "$rc" >> "$OUT_DIR/steps.tsv"
+  echo "   $status in $((SECONDS - t0)) s (rc $rc); tail of $name.log:"
+  tail -n 3 "$OUT_DIR/$name.log" | sed 's/^/   | /'
+}
+
+if (( DRY )); then
+  # CPU: the same scripts and flags paths at tiny sizes, kernels in interpret mode.
+  step gpu_tests 300 "$PY" -m pytest -q -m gpu -p no:cacheprovider tests/pallas_kernels/test_tuning.py
+  step autotune 300 "$PY" -m pallas_kernels.tuning --show
+  step attention 300 "$PY" benchmarks/attention.py --cpu-small --lengths 128 --modes decoder \
+    --repeats 1 --json "$OUT_DIR/attention.json" --markdown "$OUT_DIR/attention.md"
+  step encoder 300 "$PY" benchmarks/attention.py --cpu-small --encoder tiny --lengths 64 \
+    --json "$OUT_DIR/encoder.json" --markdown "$OUT_DIR/encoder.md"
+  step generate 300 "$PY" benchmarks/generate.py --models tiny --batch 2 --strategies greedy \
+    --input-len 16 --new-tokens 4 --repeats 1 --json "$OUT_DIR/generate.json"
+  step train 300 "$PY" benchmarks/train.py --preset tiny --steps 1 --warmup 1 --batch-size 2 \
+    --inputs-length 32 --targets-length 8 --json "$OUT_DIR/train.json"
+else
+  step gpu_tests 75 "$PY" -m pytest -q -m gpu -p no:cacheprovider tests/
+  step autotune 80 "$PY" -m pallas_kernels.tuning --write --lengths 2048 --head-dims 64 \
+    --time-budget-s 55
+  cp pallas_kernels/tuning_table.json "$OUT_DIR/tuning_table.json"
+  step attention 110 "$PY" benchmarks/attention.py --lengths 512,2048,8192,32768 --repeats 10 \
+    --json "$OUT_DIR/attention.json" --markdown "$OUT_DIR/attention.md"
+  step encoder 60 "$PY" benchmarks/attention.py --encoder t5-base --lengths 512,8192 --repeats 5 \
+    --json "$OUT_DIR/encoder.json" --markdown "$OUT_DIR/encoder.md"
+  step generate 55 "$PY" benchmarks/generate.py --models t5-base --batch 1,16 \
+    --strategies greedy --dtype bfloat16 --repeats 2 --json "$OUT_DIR/generate.json"
+  step train 70 "$PY" benchmarks/train.py --steps 5 --warmup 1 --json "$OUT_DIR/train.json"
+fi
+
+# summary.json + summary.md
+"$PY" - "$OUT_DIR" "$DRY" <<'EOF'
+import json, os, platform, sys
+out, dry = sys.argv[1], sys.argv[2] == "1"
+steps = [dict(zip(("step", "status", "seconds", "detail"), l.rstrip("\n").split("\t")))
+         for l in open(os.path.join(out, "steps.tsv")) if l.strip()]
+try:
+    import jax
+    env = f"jax {jax.__version__}, {jax.devices()[0].device_kind} ({jax.default_backend()})"
+except Exception as e:  # the summary must still be written
+    env = f"jax unavailable ({e})"
+json.dump({"dry_run": dry, "env": env, "python": platform.python_version(), "steps": steps},
+          open(os.path.join(out, "summary.json"), "w"), indent=1)
+md = [f"# benchmarks/gpu.sh{' --dry-run' if dry else ''}", "", env, "",
+      "| step | status | seconds | detail |", "|---|---|---|---|"]
+md += [f"| {s['step']} | {s['status']} | {s['seconds']} | {s['detail']} |" for s in steps]
+for name in ("attention", "encoder"):
+    p = os.path.join(out, f"{name}.md")
+    if os.path.exists(p):
+        md += ["", f"## {name}", "", open(p).read().strip()]
+for name in ("gpu_tests", "autotune", "generate", "train"):
+    p = os.path.join(out, f"{name}.log")
+    if os.path.exists(p):
+        tail = open(p, errors="replace").read().splitlines()[-15:]
+        md += ["", f"## {name} (last lines of {name}.log)", "", "```", *tail, "```"]
+open(os.path.join(out, "summary.md"), "w").write("\n".join(md) + "\n")
+print("\n".join(md[:6 + len(steps)]))
+EOF
+# exit status: 0 only if every step ran ok
+! cut -f2 "$OUT_DIR/steps.tsv" | grep -qv '^ok$'

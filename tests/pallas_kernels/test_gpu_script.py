@@ -1,0 +1,42 @@
+"""``benchmarks/gpu.sh --dry-run`` runs every step on CPU at tiny sizes, so the script that a lent
+GPU's few minutes depend on cannot rot."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+STEPS = ["gpu_tests", "autotune", "attention", "encoder", "generate", "train"]
+
+
+@pytest.mark.slow   # ~70 s on 2 idle cores: six Python processes, each compiling jax programs
+@pytest.mark.skipif(shutil.which("timeout") is None, reason="needs coreutils timeout")
+def test_gpu_script_dry_run(tmp_path):
+    out = tmp_path / "out"
+    # The script's own environment, not the test session's 8 fake CPU devices (conftest).
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env["PYTHON"] = sys.executable
+    proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu.sh"), "--dry-run", str(out)],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1800)
+    summary = json.loads((out / "summary.json").read_text())
+    status = {s["step"]: s["status"] for s in summary["steps"]}
+    logs = {s: (out / f"{s}.log").read_text()[-2000:] for s in STEPS if (out / f"{s}.log").exists()}
+    assert proc.returncode == 0 and status == dict.fromkeys(STEPS, "ok"), (
+        proc.stdout[-3000:], proc.stderr[-2000:], logs)
+    md = (out / "summary.md").read_text()
+    assert "| attention | ok |" in md and "## encoder" in md and "jt5_pallas" in md
+    assert {r["impl"] for r in json.loads((out / "attention.json").read_text())["rows"]} >= {
+        "jt5_flash", "pallas_mha", "dpa_xla"}
+
+
+def test_gpu_script_needs_an_output_folder(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "OUT"}
+    proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu.sh")], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 2 and "usage" in proc.stderr
