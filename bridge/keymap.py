@@ -14,9 +14,8 @@ from typing import Mapping, NamedTuple
 
 import numpy as np
 
-from jt5.config import T5Config
+from jt5.config import MODEL_TYPES, T5Config
 
-SUPPORTED_MODEL_TYPES = ("t5", "mt5", "umt5", "longt5")
 
 ARCHITECTURES = {
     ("t5", False): "T5ForConditionalGeneration", ("t5", True): "T5EncoderModel",
@@ -98,9 +97,9 @@ def _longt5_fields(d: Mapping, mt: str) -> dict:
 def config_from_hf(raw: Mapping, *, has_lm_head: bool, source: str = "config.json") -> T5Config:
     """A T5Config from a raw transformers ``config.json`` dict (v4 or v5 spelling)."""
     mt = raw.get("model_type")
-    if mt not in SUPPORTED_MODEL_TYPES:
+    if mt not in MODEL_TYPES:
         raise ValueError(f"{source}: unsupported model_type {mt!r}; jt5 reads "
-                         f"{SUPPORTED_MODEL_TYPES}")
+                         f"{MODEL_TYPES}")
     d = {**_COMMON_DEFAULTS, **_HF_DEFAULTS[mt]}
     d.update({k: raw[k] for k in d if raw.get(k) is not None})
     eos = d["eos_token_id"]

@@ -21,9 +21,9 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
+from jt5.config import ATTENTION_IMPLS
 from pallas_kernels import reference
 
-IMPLS = ("xla", "pallas", "auto")
 # T x S from which the XLA path attends in chunks. Measured on a 2-core CPU (B=1, N=8, H=64,
 # float32, with bias; benchmarks/RESULTS.md "Long inputs"): chunks of 512 are 0.7x the dense
 # time at T=S=512, 1.7x faster at 1024, 2.5x at 2048, 2.8x at 4096 — and the dense path's
@@ -49,8 +49,8 @@ def pallas_interpret(interpret: Optional[bool]):
 
 def resolve_impl(impl: str) -> str:
     """``auto`` -> ``pallas`` on a GPU backend, ``xla`` elsewhere."""
-    if impl not in IMPLS:
-        raise ValueError(f"attention impl {impl!r} must be one of {IMPLS}")
+    if impl not in ATTENTION_IMPLS:
+        raise ValueError(f"attention impl {impl!r} must be one of {ATTENTION_IMPLS}")
     if impl == "auto":
         return "pallas" if jax.default_backend() == "gpu" else "xla"
     return impl

@@ -134,10 +134,6 @@ class T5Config:
                              f" is not supported; use one of {ACTIVATIONS}")
         return act
 
-    @property
-    def inner_dim(self) -> int:
-        return self.num_heads * self.d_kv
-
     def replace(self, **kw) -> "T5Config":
         return dataclasses.replace(self, **kw)
 
