@@ -244,8 +244,8 @@ def test_eos_then_pad_and_min_new_tokens(tmp_path_factory):
 
 
 def test_bucket_length_and_bad_arguments(tmp_path_factory):
-    assert [gen.bucket_length(n) for n in (1, 16, 17, 200, 256, 257, 321)] == \
-        [16, 16, 32, 256, 256, 320, 384]
+    assert [gen.bucket_length(n) for n in (1, 16, 17, 64, 65, 129, 200, 256, 257, 512, 513)] == \
+        [16, 16, 32, 64, 96, 160, 224, 256, 288, 512, 576]
     _, model = _model("t5-v1_1", tmp_path_factory)
     ids, mask = _inputs()
     bad = [dict(num_beams=2, num_return_sequences=3), dict(num_return_sequences=2),
