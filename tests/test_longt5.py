@@ -242,3 +242,17 @@ def test_transient_global_is_refused_on_t5_checkpoints(tmp_path):
                                                        encoder_attention_type="transient-global")
     with pytest.raises(ValueError, match="num_global_tokens=2 applies to .*'local' only"):
         jt5.preset("tiny", num_global_tokens=2)
+
+
+@pytest.mark.parametrize("name", [n for n in jt5.PRESETS if n.startswith("long-t5")])
+def test_presets_map_to_longt5_files(name):
+    """Every parameter of a LongT5 preset has one transformers key, and its config.json reads
+    back as the same architecture (no arrays are allocated)."""
+    from bridge.keymap import config_to_hf, rules
+    cfg = jt5.preset(name)
+    paths = {p for p, _ in nnx.to_flat_state(nnx.state(jt5.abstract_model(cfg), nnx.Param))}
+    mapped = [r.jt5 for r in rules(cfg)]
+    assert len(mapped) == len(set(mapped)) and set(mapped) == paths
+    raw = config_to_hf(cfg, head_written=True)
+    assert raw["architectures"] == ["LongT5ForConditionalGeneration"]
+    assert config_from_hf(raw, has_lm_head=True) == cfg
