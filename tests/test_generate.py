@@ -295,8 +295,10 @@ def test_cli_generate(tmp_path, capsys):
     model = jt5.T5ForConditionalGeneration.from_pretrained(tmp_path)
     ids = gen.generate(model, enc.input_ids, enc.attention_mask, max_new_tokens=6, num_beams=2)
     assert printed == [tok.decode(r[1:].tolist()) for r in ids]
-    with pytest.raises(SystemExit, match="neither"):
-        main(["generate", "--model", str(tmp_path / "missing"), "x"])
+    capsys.readouterr()
+    assert main(["generate", "--model", str(tmp_path / "missing"), "x"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: --model ") and err.count("\n") == 1, err
 
 
 def test_cli_task_and_batch_files(tmp_path, capsys, monkeypatch):
