@@ -7,8 +7,10 @@ bridge, UL2 pretraining and jitted generation.
     ids = model.generate(input_ids, attention_mask, max_new_tokens=64, num_beams=4)
     model.save_pretrained(out_dir)
     model = jt5.load("runs/pretrain")   # any format: transformers dir, jt5 checkpoint, run dir
+    vectors = jt5.embed(hf_dir, texts, pooling="mean").embeddings   # [N, D] encoder embeddings
 """
 from jt5.config import PRESETS, T5Config, preset
+from jt5.embeddings import embed
 from jt5.formats import load
 from jt5.model import (T5EncoderModel, T5ForConditionalGeneration, abstract_model,
                        init_model)
@@ -16,4 +18,4 @@ from jt5.model import (T5EncoderModel, T5ForConditionalGeneration, abstract_mode
 __version__ = "0.1.0"
 
 __all__ = ["T5Config", "PRESETS", "preset", "T5ForConditionalGeneration", "T5EncoderModel",
-           "init_model", "abstract_model", "load", "__version__"]
+           "init_model", "abstract_model", "load", "embed", "__version__"]

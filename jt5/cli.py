@@ -4,6 +4,8 @@
     jt5 generate   generate text from a model directory
     jt5 convert    move a checkpoint between transformers and jt5 formats
     jt5 bench      run a benchmark script from benchmarks/
+    jt5 finetune   fine-tune on (input, target) pairs
+    jt5 embed      encoder embeddings of texts
 """
 from __future__ import annotations
 
@@ -432,6 +434,193 @@ def _run_pretrain(args) -> int:
     return 0
 
 
+# -- finetune ---------------------------------------------------------------------------------
+_FINETUNE_EPILOG = """\
+Data: .jsonl (one object per line), .csv or .tsv (a header row) with an input and a target field.
+Each step trains on --batch-size rows; --pack (default) lays several pairs per row with segment
+ids that keep them apart. Every --eval-every steps the loss over the eval split (--eval-data, or
+--eval-fraction of --data held out) joins OUT/metrics.jsonl; --keep-best keeps the parameters of
+the lowest eval loss in OUT/best. At the end: OUT/hf (a transformers directory with tokenizer
+files), and greedy outputs on the eval split in OUT/eval.jsonl with exact match and chrF.
+Re-running the same command resumes; Ctrl-C or SIGTERM saves the step in flight (exit 130/143).
+"""
+
+
+def _add_run_flags(g, *, out: str, save_every: int):
+    """Checkpoint, device and logging flags, spelled as `jt5 pretrain` spells them."""
+    g.add_argument("--out", default=out, help=f"run directory (default {out})")
+    g.add_argument("--mesh", default=None,
+                   help="device mesh, e.g. data=2,fsdp=2,tensor=2 (default: all devices on data)")
+    g.add_argument("--save-every", type=NON_NEGATIVE, default=save_every,
+                   help=f"checkpoint every N steps (0: only at the end), at the end, and on "
+                        f"SIGINT/SIGTERM (default {save_every})")
+    g.add_argument("--keep", type=POSITIVE, default=3, help="checkpoints to keep (default 3)")
+    g.add_argument("--tensorboard", action="store_true",
+                   help="also write TensorBoard events to OUT/tensorboard (needs tensorboardX)")
+    g.add_argument("--no-export", action="store_true", help="skip the export (and evaluation) "
+                   "at the end")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _add_finetune(p: argparse.ArgumentParser):
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
+    p.epilog = _FINETUNE_EPILOG
+    g = p.add_argument_group("model and data")
+    g.add_argument("--model", required=True, metavar="PRESET_OR_DIR",
+                   help=f"the model to fine-tune: {MODEL_DIR}, or a preset "
+                        f"({', '.join(_preset_names())}) to train from scratch")
+    g.add_argument("--data", required=True, help="training pairs: .jsonl, .csv or .tsv")
+    g.add_argument("--eval-data", default=None, help="eval pairs (same formats)")
+    g.add_argument("--eval-fraction", type=_float_in(0.0, 0.99), default=0.0,
+                   help="hold this fraction of --data out as the eval split when no --eval-data "
+                        "(default 0)")
+    g.add_argument("--input-field", default="input", help="(default input)")
+    g.add_argument("--target-field", default="target", help="(default target)")
+    g.add_argument("--prefix", default="", help="task prefix prepended to every input, e.g. "
+                   "'translate English to German: ' (default none)")
+    g.add_argument("--tokenizer", default=None,
+                   help="'byte' or a transformers tokenizer directory (default: the --model "
+                        "directory's, else byte)")
+    g.add_argument("--inputs-length", type=POSITIVE, default=128,
+                   help="encoder length; longer inputs are truncated and counted (default 128)")
+    g.add_argument("--targets-length", type=POSITIVE, default=32,
+                   help="decoder length; longer targets are truncated and counted (default 32)")
+    g.add_argument("--pack", action=argparse.BooleanOptionalAction, default=True,
+                   help="pack several pairs per row (default: --pack)")
+    g.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
+                   help="compute dtype (default: bfloat16 on GPU/TPU, float32 on CPU)")
+    g.add_argument("--attention", choices=("auto", "xla", "pallas"), default="auto",
+                   help="(default auto)")
+    g.add_argument("--dropout", type=_float_in(0.0, 1.0), default=None,
+                   help="dropout rate (default: the model's)")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--steps", type=POSITIVE, default=300, help="train steps (default 300)")
+    g.add_argument("--batch-size", type=POSITIVE, default=16, help="global rows (default 16)")
+    g.add_argument("--lr", type=_float_in(0.0, open_low=True), default=1e-3,
+                   help="peak AdamW learning rate (default 1e-3)")
+    g.add_argument("--warmup", type=NON_NEGATIVE, default=30, help="(default 30)")
+    g.add_argument("--weight-decay", type=_float_in(0.0), default=0.0, help="(default 0)")
+    g.add_argument("--seed", type=NON_NEGATIVE, default=0, help="init, data order, dropout")
+    g = p.add_argument_group("evaluation, run and devices")
+    g.add_argument("--eval-every", type=NON_NEGATIVE, default=0,
+                   help="eval loss every N steps; 0: never (default 0)")
+    g.add_argument("--keep-best", action="store_true",
+                   help="keep the parameters of the lowest eval loss in OUT/best and export them")
+    g.add_argument("--eval-generate", type=NON_NEGATIVE, default=1000,
+                   help="eval pairs to generate at the end (default 1000; 0: none)")
+    g.add_argument("--max-new-tokens", type=POSITIVE, default=None,
+                   help="generated length at the end (default --targets-length)")
+    _add_run_flags(g, out="runs/finetune", save_every=100)
+
+
+def _run_finetune(args) -> int:
+    from train import finetune, loop
+    from train.step import OptimConfig
+
+    optim = OptimConfig(lr=args.lr, warmup_steps=args.warmup, total_steps=args.steps,
+                        weight_decay=args.weight_decay)
+    cfg = finetune.FinetuneConfig(
+        model=args.model, out=args.out, steps=args.steps, batch_size=args.batch_size,
+        inputs_length=args.inputs_length, targets_length=args.targets_length,
+        tokenizer=args.tokenizer, pack=args.pack, seed=args.seed, mesh=args.mesh,
+        save_every=args.save_every, keep=args.keep, eval_every=args.eval_every, optim=optim,
+        dtype=args.dtype, attention=args.attention, dropout_rate=args.dropout,
+        tensorboard=args.tensorboard, export=not args.no_export, progress=not args.no_progress,
+        data=args.data, eval_data=args.eval_data, eval_fraction=args.eval_fraction,
+        input_field=args.input_field, target_field=args.target_field, prefix=args.prefix,
+        keep_best=args.keep_best, max_new_tokens=args.max_new_tokens,
+        eval_generate=args.eval_generate)
+    try:
+        result = finetune.run(cfg)
+    except loop.Interrupted as e:
+        print(e, file=sys.stderr)
+        return e.exit_code
+    if result.history:
+        first, last = result.history[0], result.history[-1]
+        print(f"steps {result.start_step}->{result.step}: loss {first['loss']:.3f} -> "
+              f"{last['loss']:.3f} in {last['elapsed']:.0f}s; run directory {result.out}")
+    else:
+        print(f"nothing to train: {result.out} is already at step {result.step}")
+    return 0
+
+
+# -- embed ------------------------------------------------------------------------------------
+def _add_embed(p: argparse.ArgumentParser):
+    p.add_argument("input", metavar="INPUT",
+                   help="texts: a text file (one per line) or .jsonl (the --field of each line)")
+    p.add_argument("--model", required=True, help=MODEL_DIR + " (an encoder-only export works)")
+    p.add_argument("--output", required=True,
+                   help="x.npy ([N, D], pooled only) or x.safetensors (embeddings, + mask for "
+                        "--pooling none)")
+    p.add_argument("--field", default="text", help="JSONL field holding the text (default text)")
+    p.add_argument("--pooling", choices=("mean", "first", "none"), default="mean",
+                   help="mean over real tokens, the first token, or none: per-token states "
+                        "(default mean)")
+    p.add_argument("--tokenizer", default=None, help="'byte' or a tokenizer directory "
+                   "(default: the --model directory's)")
+    p.add_argument("--batch-size", type=POSITIVE, default=32, help="(default 32)")
+    p.add_argument("--max-length", type=_int_at_least(2), default=512,
+                   help="truncate inputs to this many tokens, counted (default 512)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
+                   help="compute dtype (default bfloat16 on a GPU, float32 on CPU); outputs "
+                        "are float32")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _read_texts(path: str, field: str) -> list[str]:
+    import json as _json
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"INPUT {path} does not exist")
+    texts = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            line = line.rstrip("\n")
+            if not path.endswith(".jsonl"):
+                texts.append(line)
+                continue
+            if not line.strip():
+                continue
+            try:
+                value = _json.loads(line).get(field)
+            except (ValueError, AttributeError):
+                raise ValueError(f"{path}:{n}: not a JSON object") from None
+            if not isinstance(value, str):
+                raise ValueError(f"{path}:{n}: no string field {field!r}; set --field")
+            texts.append(value)
+    if not texts:
+        raise ValueError(f"INPUT {path}: no texts (the file is empty)")
+    return texts
+
+
+def _run_embed(args) -> int:
+    import time
+
+    from jt5 import embeddings
+
+    if not args.output.endswith((".npy", ".safetensors")):
+        raise ValueError(f"--output {args.output}: expected a .npy or .safetensors file name")
+    if args.output.endswith(".npy") and args.pooling == "none":
+        raise ValueError(f"--output {args.output}: --pooling none needs .safetensors (it holds "
+                         "the mask too)")
+    texts = _read_texts(args.input, args.field)
+    t0 = time.perf_counter()
+    try:
+        result = embeddings.embed(args.model, texts, pooling=args.pooling,
+                                  tokenizer=args.tokenizer, batch_size=args.batch_size,
+                                  max_length=args.max_length, dtype=args.dtype,
+                                  progress=not args.no_progress)
+    except FileNotFoundError as e:
+        raise ValueError(f"--model {e}") from e
+    embeddings.save(args.output, result, args.pooling)
+    if result.truncated:
+        logging.getLogger("jt5.embeddings").warning(
+            "truncated %d of %d texts to --max-length %d", result.truncated, len(texts),
+            args.max_length)
+    print(f"embedded {len(texts)} texts -> {args.output} {list(result.embeddings.shape)} in "
+          f"{time.perf_counter() - t0:.1f}s")
+    return 0
+
+
 COMMANDS = {
     "pretrain": ("UL2-pretrain a T5 (no arguments: a small model on the built-in corpus)",
                  _add_pretrain, _run_pretrain),
@@ -441,6 +630,10 @@ COMMANDS = {
                  _add_generate, _run_generate),
     "convert": ("move a checkpoint between transformers and jt5 (orbax) formats",
                 _add_convert, _run_convert),
+    "finetune": ("fine-tune a model on (input, target) pairs from JSONL / CSV / TSV",
+                 _add_finetune, _run_finetune),
+    "embed": ("encoder embeddings of texts to .npy / .safetensors",
+              _add_embed, _run_embed),
 }
 
 

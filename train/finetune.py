@@ -1,0 +1,221 @@
+"""Supervised sequence-to-sequence fine-tuning (``jt5 finetune``) on the machinery of
+``train/runner.py``: the same mesh, sharding rules, checkpoints, exact resume, NaN stop, signal
+save, metrics and export as pretraining; only the data (``train/pairs.py``) and the end differ.
+
+    result = run(FinetuneConfig(model="runs/pretrain", data="train.jsonl", eval_fraction=0.1,
+                                out="runs/finetune", steps=500))
+
+Every ``eval_every`` steps the loss over the whole eval split joins the metrics line
+(``eval_loss``, ``eval_accuracy``); with ``keep_best`` the parameters of the lowest eval loss so
+far are written to ``OUT/best`` (a jt5 checkpoint: ``--model`` and ``jt5.load`` read it) and the
+export and generation at the end use them. At the end the model is exported to ``OUT/hf``
+(tokenizer files included) and greedy outputs on the eval split go to ``OUT/eval.jsonl`` with
+exact match and chrF (Popović 2015: character 1..6-gram F-score, beta 2, whitespace ignored).
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+import logging
+from pathlib import Path
+from typing import Callable, NamedTuple, Optional
+
+import jax
+import numpy as np
+
+from jt5.model import T5ForConditionalGeneration
+from jt5.tokenizer import load_tokenizer, tokenizer_files
+from train.pairs import PairData, PairsConfig
+from train.runner import RunConfig, Trainer, default_dtype, export_hf, prepare, tokenizer_spec
+
+log = logging.getLogger(__name__)
+BEST = "best"
+
+
+@dataclasses.dataclass(frozen=True)
+class FinetuneConfig(RunConfig):
+    """One fine-tuning run; the ``jt5 finetune`` flags map onto these fields."""
+
+    out: str = "runs/finetune"
+    steps: int = 300
+    data: str = ""
+    eval_data: Optional[str] = None
+    eval_fraction: float = 0.0
+    input_field: str = "input"
+    target_field: str = "target"
+    prefix: str = ""
+    keep_best: bool = False
+    max_new_tokens: Optional[int] = None   # None: targets_length
+    eval_generate: int = 1000              # eval examples generated at the end (0: none)
+    generate_batch_size: int = 32
+
+
+class FinetuneResult(NamedTuple):
+    out: Path
+    start_step: int
+    step: int
+    history: list
+    eval: Optional[dict]        # exact_match, chrf, examples (None: no eval split / not generated)
+
+
+def pairs_config(cfg: FinetuneConfig) -> PairsConfig:
+    if not cfg.data:
+        raise ValueError("--data: give a .jsonl, .csv or .tsv file of (input, target) pairs")
+    return PairsConfig(data=cfg.data, eval_data=cfg.eval_data, eval_fraction=cfg.eval_fraction,
+                       input_field=cfg.input_field, target_field=cfg.target_field,
+                       prefix=cfg.prefix, tokenizer=tokenizer_spec(cfg),
+                       inputs_length=cfg.inputs_length, targets_length=cfg.targets_length,
+                       batch_size=cfg.batch_size, pack=cfg.pack, seed=cfg.seed)
+
+
+def _data_text(cfg: FinetuneConfig, data: PairData) -> str:
+    s, spec = data.stats(), data.config.tokenizer
+    ev = (f"eval {cfg.eval_data}" if cfg.eval_data else f"eval {cfg.eval_fraction:g} held out"
+          if cfg.eval_fraction else "no eval")
+    rows = f"{s['rows']:,} rows, {s['examples_per_row']:.2f}/row" if cfg.pack else "padded"
+    return (f"data {cfg.data} ({s['train']:,} pairs, {rows}, {data.epochs(cfg.steps):.1f} epochs; "
+            f"{ev}: {s['eval']:,} pairs; truncated {s['truncated_inputs']} inputs / "
+            f"{s['truncated_targets']} targets; {spec if spec == 'byte' else 'tokenizer ' + spec})")
+
+
+def run(cfg: FinetuneConfig, *, on_step: Optional[Callable[[int, dict], None]] = None
+        ) -> FinetuneResult:
+    """Fine-tune (or resume) to ``cfg.steps``, then export and evaluate by generation."""
+    mcfg, mesh = prepare(cfg)
+    pcfg = pairs_config(cfg)
+    try:
+        tokenizer = load_tokenizer(pcfg.tokenizer)
+    except ValueError as e:
+        raise ValueError(f"--tokenizer {pcfg.tokenizer}: {e}") from e
+    data = PairData(pcfg, tokenizer, process_index=jax.process_index(),
+                    process_count=jax.process_count())
+    if data.vocab_size > mcfg.vocab_size:
+        raise ValueError(f"the tokenizer uses ids up to {data.vocab_size - 1} but the model's "
+                         f"vocab_size is {mcfg.vocab_size}")
+    s = data.stats()
+    if s["truncated_inputs"] or s["truncated_targets"]:
+        log.warning("truncated %d inputs to --inputs-length %d and %d targets to "
+                    "--targets-length %d (of %d pairs)", s["truncated_inputs"], cfg.inputs_length,
+                    s["truncated_targets"], cfg.targets_length, s["train"] + s["eval"])
+    if cfg.eval_every and not s["eval"]:
+        log.warning("--eval-every %d without an eval split (--eval-data / --eval-fraction): "
+                    "evaluation is off", cfg.eval_every)
+    if cfg.keep_best and not (cfg.eval_every and s["eval"]):
+        raise ValueError("--keep-best needs --eval-every N and an eval split "
+                         "(--eval-data or --eval-fraction)")
+    trainer = Trainer(cfg, mcfg, mesh, pcfg, kind="finetune", data_text=_data_text(cfg, data))
+    best_dir = trainer.out / BEST
+    eval_batches = [trainer.local_rows(b) for b in data.eval_rows()]
+
+    def evaluate(step, params):
+        tot = collections.Counter()
+        for local in eval_batches:
+            m = trainer.eval_step(params, local)
+            w = float(m["target_tokens"])
+            tot.update(loss=float(m["loss"]) * w, correct=float(m["accuracy"]) * w, weight=w)
+        line = {"eval_loss": tot["loss"] / max(tot["weight"], 1.0),
+                "eval_accuracy": tot["correct"] / max(tot["weight"], 1.0)}
+        if cfg.keep_best:
+            _keep_if_best(trainer.model(params), tokenizer, best_dir, step, line["eval_loss"])
+        return line
+
+    history = trainer.train(data.iterate(trainer.start),
+                            evaluate=evaluate if eval_batches else None, on_step=on_step)
+    result = None
+    if cfg.export:
+        model = trainer.model()
+        if cfg.keep_best and (best_dir / "best.json").is_file():
+            from jt5 import formats
+            model = formats.load(best_dir, T5ForConditionalGeneration)
+            print(f"using the best checkpoint: {_read_best(best_dir)}")
+        hf_dir = export_hf(model, tokenizer, trainer.out)
+        if hf_dir is not None and data.eval.inputs and cfg.eval_generate:
+            result = evaluate_generation(hf_dir, data, trainer.out / "eval.jsonl", cfg)
+    return FinetuneResult(trainer.out, trainer.start, max(trainer.start, cfg.steps), history,
+                          result)
+
+
+def _read_best(best_dir: Path) -> Optional[dict]:
+    f = best_dir / "best.json"
+    return json.loads(f.read_text()) if f.is_file() else None
+
+
+def _keep_if_best(model, tokenizer, best_dir: Path, step: int, loss: float) -> None:
+    """Save the parameters to OUT/best when ``loss`` beats the record there (ties keep the older:
+    a resumed run recomputing the same step finds its own record and writes nothing)."""
+    from bridge import native
+    best = _read_best(best_dir)
+    if best is not None and best["eval_loss"] <= loss:
+        return
+    (best_dir / "best.json").unlink(missing_ok=True)  # no record while the weights are replaced
+    native.save_model(model, best_dir, extra_files=tokenizer_files(tokenizer))
+    if jax.process_index() == 0:
+        tmp = best_dir / ".best.json.tmp"
+        tmp.write_text(json.dumps({"step": step, "eval_loss": loss}) + "\n")
+        tmp.replace(best_dir / "best.json")
+
+
+# -- evaluation by generation -----------------------------------------------------------------
+def _ngrams(text: str, n: int) -> collections.Counter:
+    return collections.Counter(text[i:i + n] for i in range(len(text) - n + 1))
+
+
+def chrf_stats(hyp: str, ref: str, order: int = 6) -> np.ndarray:
+    """Per n-gram order: [matches, hypothesis n-grams, reference n-grams] (whitespace dropped)."""
+    hyp, ref = "".join(hyp.split()), "".join(ref.split())
+    out = np.zeros((order, 3))
+    for n in range(1, order + 1):
+        h, r = _ngrams(hyp, n), _ngrams(ref, n)
+        out[n - 1] = (sum((h & r).values()), sum(h.values()), sum(r.values()))
+    return out
+
+
+def chrf(stats: np.ndarray, beta: float = 2.0) -> float:
+    """chrF (0..100) from summed ``chrf_stats``: precision and recall averaged over the orders
+    that occur (as sacrebleu does), then F-beta."""
+    live = stats[(stats[:, 1] > 0) & (stats[:, 2] > 0)]
+    if not len(live):
+        return 100.0 if not stats[:, 1:].any() else 0.0
+    p = np.mean(live[:, 0] / live[:, 1])
+    r = np.mean(live[:, 0] / live[:, 2])
+    return 0.0 if p + r == 0 else float(100 * (1 + beta**2) * p * r / (beta**2 * p + r))
+
+
+def evaluate_generation(hf_dir: Path, data: PairData, path: Path, cfg: FinetuneConfig) -> dict:
+    """Greedy outputs of the *exported* model on the eval split -> ``path`` (JSONL) + summary."""
+    tok, enc = data.tokenizer, data.eval
+    n = min(len(enc.inputs), cfg.eval_generate)
+    model = T5ForConditionalGeneration.from_pretrained(hf_dir, dtype=default_dtype(),
+                                                       attention=cfg.attention)
+    B = cfg.generate_batch_size
+    width = max(len(x) for x in enc.inputs[:n])
+    new = cfg.max_new_tokens or cfg.targets_length
+    outputs = []
+    for lo in range(0, n, B):  # fixed [B, width] batches: one compiled program
+        ids = np.full((B, width), tok.pad_id, np.int32)
+        mask = np.zeros((B, width), np.int32)
+        mask[:, 0] = 1  # filler rows of the last batch: one token, never an all-masked row
+        for r, x in enumerate(enc.inputs[lo:lo + B]):
+            ids[r, :len(x)], mask[r, :len(x)] = x, 1
+        gen = np.asarray(model.generate(ids, mask, max_new_tokens=new))
+        outputs += [tok.decode(row[1:], skip_special_tokens=True) for row in gen[:min(B, n - lo)]]
+    lines, total, exact = [], np.zeros((6, 3)), 0
+    with open(path, "w") as f:
+        for i, out in enumerate(outputs):
+            rec = enc.records[i]
+            target = tok.decode(enc.targets[i], skip_special_tokens=True)  # as trained (truncated)
+            st = chrf_stats(out.strip(), target.strip())
+            total += st
+            hit = out.strip() == target.strip()
+            exact += hit
+            f.write(json.dumps({"where": rec.where, "input": rec.input, "target": target,
+                                "output": out, "exact_match": hit, "chrf": chrf(st)}) + "\n")
+            if len(lines) < 3:
+                lines.append(f"  {rec.input[:60]!r} -> {out[:60]!r} (target {target[:60]!r})")
+    summary = {"examples": n, "exact_match": exact / max(n, 1), "chrf": chrf(total)}
+    print(f"eval: {n} examples, exact match {summary['exact_match']:.3f}, chrF "
+          f"{summary['chrf']:.1f}; {path}")
+    print("\n".join(lines))
+    (path.parent / "eval_summary.json").write_text(json.dumps(summary) + "\n")
+    return summary
