@@ -65,16 +65,41 @@ def chunked_attention(q, k, v, bias_table=None, *, q_segment_ids=None, kv_segmen
     Tp, Sp = math.ceil(T / bq) * bq, math.ceil(S / bk) * bk
     if Sp != S and kv_segment_ids is None:  # padded keys must be invisible
         kv_segment_ids = jnp.ones((B, S), jnp.int32)
-    qs = _chunks(_pad_to(q, Tp, 1), bq)
-    ks, vs = _chunks(_pad_to(k, Sp, 1), bk), _chunks(_pad_to(v, Sp, 1), bk)
+
+    def heads_major(x, L, b):  # [B, L, N, H] -> [L / b, B, N, b, H]: the matmuls' layout
+        return _chunks(_pad_to(x, L, 1), b).transpose(0, 1, 3, 2, 4)
+
+    qs, ks, vs = heads_major(q, Tp, bq), heads_major(k, Sp, bk), heads_major(v, Sp, bk)
     qseg = None if q_segment_ids is None else _chunks(_pad_to(q_segment_ids, Tp, 1), bq)
     kseg = None if kv_segment_ids is None else _chunks(_pad_to(kv_segment_ids, Sp, 1), bk)
     q_offset = jnp.asarray(q_offset, jnp.int32)
     live = functools.partial(_live, causal=causal, local_window=local_window,
                              num_global_tokens=num_global_tokens)
+    if bias_table is not None:
+        # The bias depends only on rel = k_pos - q_pos and saturates beyond R (the kernels'
+        # lookup table): [N, 2R+1] values, gathered per chunk by clip(rel); a chunk whose
+        # offsets all lie beyond R on one side takes one value per head. No log per element.
+        R, lut = reference.bucket_lut(bidirectional=bidirectional,
+                                      num_buckets=bias_table.shape[0], max_distance=max_distance)
+        by_rel = jnp.take(bias_table.astype(jnp.float32), jnp.asarray(lut[:2 * R + 1]), axis=0).T
+        tri = jnp.arange(bk, dtype=jnp.int32)[None, :] - jnp.arange(bq, dtype=jnp.int32)[:, None]
+
+    def chunk_bias(q0, k0):  # [N, bq, bk]
+        delta = k0 - q0
+        lo, hi = delta - (bq - 1), delta + (bk - 1)  # the chunk's range of rel
+        flat = (lo >= R) | (hi <= -R)
+
+        def gathered(_):
+            return jnp.take(by_rel, jnp.clip(delta + tri, -R, R) + R, axis=1)
+
+        def saturated(_):
+            v = jnp.where(lo >= R, by_rel[:, 2 * R], by_rel[:, 0])
+            return jnp.broadcast_to(v[:, None, None], (N, bq, bk))
+
+        return jax.lax.cond(flat, saturated, gathered, None)
 
     @jax.checkpoint
-    def one_query_chunk(i, qi, qseg_i):
+    def one_query_chunk(i, qi, qseg_i):  # qi: [B, N, bq, H]
         q0 = q_offset + i * bq
 
         @jax.checkpoint
@@ -84,12 +109,9 @@ def chunked_attention(q, k, v, bias_table=None, *, q_segment_ids=None, kv_segmen
             kseg_j = None if kseg is None else kseg[j]
 
             def update(_):
-                s = jnp.einsum("BTNH,BSNH->BNTS", qi, ks[j], preferred_element_type=jnp.float32)
+                s = jnp.einsum("BNTH,BNSH->BNTS", qi, ks[j], preferred_element_type=jnp.float32)
                 if bias_table is not None:
-                    s = s + reference.dense_bias(bias_table, q_len=bq, kv_len=bk,
-                                                 bidirectional=bidirectional,
-                                                 max_distance=max_distance, q_offset=q0,
-                                                 kv_offset=k0)
+                    s = s + chunk_bias(q0, k0)[None]
                 mask = reference.dense_mask(q_len=bq, kv_len=bk, q_segment_ids=qseg_i,
                                             kv_segment_ids=kseg_j, causal=causal,
                                             local_window=local_window,
@@ -103,7 +125,7 @@ def chunked_attention(q, k, v, bias_table=None, *, q_segment_ids=None, kv_segmen
                 if mask is not None:
                     p = jnp.where(mask, p, 0.0)
                 corr = jnp.exp(m - m_new)
-                pv = jnp.einsum("BNTS,BSNH->BNTH", p.astype(vs.dtype), vs[j],
+                pv = jnp.einsum("BNTS,BNSH->BNTH", p.astype(vs.dtype), vs[j],
                                 preferred_element_type=jnp.float32)
                 return m_new, l * corr + jnp.sum(p, axis=-1), acc * corr[..., None] + pv
 
@@ -114,11 +136,12 @@ def chunked_attention(q, k, v, bias_table=None, *, q_segment_ids=None, kv_segmen
                 jnp.zeros((B, N, bq), jnp.float32), jnp.zeros((B, N, bq, H), jnp.float32))
         (_, l, acc), _ = jax.lax.scan(key_step, init, jnp.arange(Sp // bk))
         out = acc / jnp.where(l == 0.0, 1.0, l)[..., None]
-        return out.transpose(0, 2, 1, 3).astype(q.dtype)  # [B, bq, N, H]
+        return out.astype(q.dtype)  # [B, N, bq, H]
 
     idx = jnp.arange(Tp // bq)
     if qseg is None:
         out = jax.lax.map(lambda a: one_query_chunk(a[0], a[1], None), (idx, qs))
     else:
         out = jax.lax.map(lambda a: one_query_chunk(*a), (idx, qs, qseg))
-    return jnp.moveaxis(out, 0, 1).reshape(B, Tp, N, H)[:, :T]
+    # [T / bq, B, N, bq, H] -> [B, T, N, H]
+    return out.transpose(1, 0, 3, 2, 4).reshape(B, Tp, N, H)[:, :T]
