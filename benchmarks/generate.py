@@ -77,16 +77,68 @@ def build_pair(preset: str, workdir: Path, attention: str, torch_device: str, dt
     return hf.to(device=torch_device, dtype=getattr(torch, dtype)), model
 
 
-def _median_time(fn, repeats: int) -> float:
+def _times(fn, repeats: int) -> list[float]:
     times = []
     for _ in range(repeats):
         t = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t)
-    return statistics.median(times)
+    return times
 
 
-def bench_one(hf, model, *, batch, beams, input_len, new_tokens, repeats, torch_device):
+def _median_time(fn, repeats: int) -> float:
+    return statistics.median(_times(fn, repeats))
+
+
+def _spread(times) -> dict:
+    return dict(min=min(times), median=statistics.median(times), max=max(times))
+
+
+def build_ct2(path: Path, vocab_size: int, compute_types, threads: int) -> dict:
+    """CTranslate2 translators (one per compute type) of the transformers model in ``path``.
+
+    Its converter takes the vocabulary from a tokenizer: the byte tokenizer's files give it
+    one, and the vocabulary it writes is then replaced by unique names per id (``t<id>``), so
+    ids map to tokens and back one to one on these random-weight models."""
+    import ctranslate2
+    from ctranslate2.converters import TransformersConverter
+
+    from jt5.tokenizer import tokenizer_files
+    for name, data in tokenizer_files("byte").items():
+        (path / name).write_bytes(data if isinstance(data, bytes) else data.encode())
+    out = {}
+    for ct in compute_types:
+        dst = path.parent / f"{path.name}-ct2-{ct}"
+        TransformersConverter(str(path)).convert(str(dst), quantization=ct, force=True)
+        vocab = ["<pad>", "</s>", "<unk>"] + [f"t{i}" for i in range(3, vocab_size)]
+        (dst / "shared_vocabulary.json").write_text(json.dumps(vocab))
+        (dst / "shared_vocabulary.txt").unlink(missing_ok=True)
+        out[ct] = (ctranslate2.Translator(str(dst), device="cpu", compute_type=ct,
+                                          intra_threads=threads), vocab)
+    return out
+
+
+def bench_ct2(translator, vocab, ids, *, beams, new_tokens, repeats):
+    """Same inputs, exactly ``new_tokens`` tokens; returns (times, ids laid out as HF's)."""
+    src = [[vocab[i] for i in row] for row in ids]
+    index = {t: i for i, t in enumerate(vocab)}
+
+    def run():
+        return translator.translate_batch(src, beam_size=beams, max_decoding_length=new_tokens,
+                                          min_decoding_length=new_tokens, max_batch_size=0)
+
+    run()  # warm-up
+    times = _times(run, repeats)
+    res = run()
+    out = np.zeros((len(ids), new_tokens + 1), np.int64)  # column 0: the start token (pad)
+    for r, hyp in enumerate(res):
+        toks = [index[t] for t in hyp.hypotheses[0]][:new_tokens]
+        out[r, 1:1 + len(toks)] = toks
+    return times, out
+
+
+def bench_one(hf, model, *, batch, beams, input_len, new_tokens, repeats, torch_device,
+              ct2=None):
     import torch
     cfg = model.config
     rng = np.random.default_rng(0)
@@ -108,13 +160,22 @@ def bench_one(hf, model, *, batch, beams, input_len, new_tokens, repeats, torch_
 
     run_hf(2)  # warm-up (allocator, kernels); transformers does not compile
     outs = {}
-    t_hf = _median_time(lambda: outs.update(hf=run_hf()), repeats)
+    hf_times = _times(lambda: outs.update(hf=run_hf()), repeats)
+    t_hf = statistics.median(hf_times)
     hf_out = outs["hf"]
 
     t = time.perf_counter()
     out = run_jt5()
     first = time.perf_counter() - t
-    t_jt5 = _median_time(run_jt5, repeats)
+    jt5_times = _times(run_jt5, repeats)
+    t_jt5 = statistics.median(jt5_times)
+    peers = {}
+    for ct, (translator, vocab) in (ct2 or {}).items():
+        times, ct_out = bench_ct2(translator, vocab, ids, beams=beams, new_tokens=new_tokens,
+                                  repeats=repeats)
+        rows = (ct_out == hf_out).all(1) if ct_out.shape == hf_out.shape else np.zeros(batch)
+        peers[f"ct2_{ct}"] = dict(times=_spread(times), tok_s=batch * new_tokens /
+                                  statistics.median(times), rows_same=float(np.mean(rows)))
     width = int(out.length)
     ours = np.asarray(out.sequences[:, :width])
     same = ours.shape == hf_out.shape and bool((ours == hf_out).all())
@@ -122,6 +183,7 @@ def bench_one(hf, model, *, batch, beams, input_len, new_tokens, repeats, torch_
     tokens = batch * new_tokens
     return dict(batch=batch, beams=beams, input_len=input_len, new_tokens=new_tokens,
                 hf_s=t_hf, jt5_s=t_jt5, jt5_compile_s=max(0.0, first - t_jt5),
+                hf_times=_spread(hf_times), jt5_times=_spread(jt5_times), peers=peers,
                 hf_tok_s=tokens / t_hf, jt5_tok_s=tokens / t_jt5, speedup=t_hf / t_jt5,
                 same=same, rows_same=rows_same)
 
@@ -163,6 +225,9 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
                    help="both sides' compute and parameter dtype (default float32)")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads (jt5: XLA's own)")
+    p.add_argument("--ct2", default="float32,int8",
+                   help="CTranslate2 compute types to run beside (CPU; needs pip ctranslate2; "
+                        "'' to skip; default float32,int8)")
     p.add_argument("--json", default=None, help="also write the rows to this file")
     args = p.parse_args(argv)
 
@@ -186,11 +251,19 @@ def main(argv=None) -> int:
         for preset in [m for m in args.models.split(",") if m]:
             hf, model = build_pair(preset, Path(tmp), args.attention, torch_device,
                                    args.dtype)
+            ct2 = None
+            cts = [c for c in args.ct2.split(",") if c]
+            if cts and torch_device == "cpu" and args.dtype == "float32":
+                try:
+                    ct2 = build_ct2(Path(tmp) / preset, model.config.vocab_size, cts,
+                                    args.threads)
+                except ImportError:
+                    print("# ctranslate2 not installed: pip install ctranslate2 to compare")
             for strategy in strategies:
                 for batch in [int(b) for b in args.batch.split(",") if b]:
                     r = bench_one(hf, model, batch=batch, beams=STRATEGIES[strategy],
                                   input_len=args.input_len, new_tokens=args.new_tokens,
-                                  repeats=args.repeats, torch_device=torch_device)
+                                  repeats=args.repeats, torch_device=torch_device, ct2=ct2)
                     r.update(model=preset, strategy=strategy, device=device)
                     if on_gpu:
                         r["kernel"] = bench_kernel(model, batch=batch, beams=STRATEGIES[strategy],
@@ -201,6 +274,15 @@ def main(argv=None) -> int:
                     print(f"{preset:9} {strategy:8} {batch:5d} {r['hf_tok_s']:9.1f} "
                           f"{r['jt5_tok_s']:9.1f} {r['hf_s']:8.2f} {r['jt5_s']:8.2f} "
                           f"{r['jt5_compile_s']:9.1f} {r['speedup']:6.2f}x {same}", flush=True)
+                    spread = ", ".join(f"{k} {v['min']:.2f}/{v['median']:.2f}/{v['max']:.2f}"
+                                       for k, v in (("HF", r["hf_times"]), ("jt5", r["jt5_times"]),
+                                                    *((n, pr["times"]) for n, pr in
+                                                      r["peers"].items())))
+                    print(f"{'':9} seconds min/median/max: {spread}")
+                    for n, pr in r["peers"].items():
+                        print(f"{'':9} {n}: {pr['tok_s']:.1f} tok/s, jt5/{n} "
+                              f"{r['jt5_tok_s'] / pr['tok_s']:.2f}x, same rows as HF "
+                              f"{pr['rows_same']:.0%}")
             del hf, model
     if on_gpu:
         peak = peak_bandwidth(device)
