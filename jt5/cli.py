@@ -322,6 +322,33 @@ environments are detected without them).
 """
 
 
+def _add_sequence_flags(g, *, unit: str):
+    """Tokenizer, lengths, packing and numerics: the same flags for pretrain and finetune."""
+    g.add_argument("--tokenizer", default=None,
+                   help="'byte' (ByT5 bytes) or a transformers tokenizer directory (default: the "
+                        "--model directory's tokenizer if it has one, else byte)")
+    g.add_argument("--inputs-length", type=POSITIVE, default=128,
+                   help="encoder length; longer inputs are truncated (default 128)")
+    g.add_argument("--targets-length", type=POSITIVE, default=32,
+                   help="decoder length; longer targets are truncated (default 32)")
+    g.add_argument("--pack", action=argparse.BooleanOptionalAction, default=True,
+                   help=f"pack several {unit} per row, segment-separated (default: --pack)")
+    g.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
+                   help="compute dtype; parameters stay float32 (default: bfloat16 on GPU/TPU, "
+                        "float32 on CPU)")
+    g.add_argument("--attention", choices=("auto", "xla", "pallas"), default="auto",
+                   help="attention implementation (default auto: pallas on GPU, xla elsewhere)")
+
+
+def _print_result(result) -> None:
+    if result.history:
+        first, last = result.history[0], result.history[-1]
+        print(f"steps {result.start_step}->{result.step}: loss {first['loss']:.3f} -> "
+              f"{last['loss']:.3f} in {last['elapsed']:.0f}s; run directory {result.out}")
+    else:
+        print(f"nothing to train: {result.out} is already at step {result.step}")
+
+
 def _add_pretrain(p: argparse.ArgumentParser):
     # Choices spelled here (as train.step.OPTIMIZERS / SCHEDULES) so --help does not import train.
     OPTIMIZERS, SCHEDULES = ("adamw", "adafactor"), ("cosine", "linear", "rsqrt", "constant")
@@ -334,20 +361,7 @@ def _add_pretrain(p: argparse.ArgumentParser):
     g.add_argument("--data", nargs="+", default=["builtin"], metavar="SOURCE",
                    help="'builtin' (the embedded corpus), text/.jsonl files or directories "
                         "(default: builtin)")
-    g.add_argument("--tokenizer", default=None,
-                   help="'byte' (ByT5 bytes) or a transformers tokenizer directory (default: the "
-                        "--model directory's tokenizer if it has one, else byte)")
-    g.add_argument("--inputs-length", type=POSITIVE, default=128,
-                   help="encoder length (default 128)")
-    g.add_argument("--targets-length", type=POSITIVE, default=32,
-                   help="decoder length (default 32)")
-    g.add_argument("--pack", action=argparse.BooleanOptionalAction, default=True,
-                   help="pack several examples per row (default: --pack)")
-    g.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
-                   help="compute dtype; parameters stay float32 (default: bfloat16 on GPU/TPU, "
-                        "float32 on CPU)")
-    g.add_argument("--attention", choices=("auto", "xla", "pallas"), default="auto",
-                   help="attention implementation (default auto: pallas on GPU, xla elsewhere)")
+    _add_sequence_flags(g, unit="examples")
     g.add_argument("--remat", choices=("none", "full", "dots"), default="none",
                    help="recompute layer activations in the backward pass (default none)")
     g.add_argument("--dropout", type=_float_in(0.0, 1.0), default=None,
@@ -425,12 +439,7 @@ def _run_pretrain(args) -> int:
     except loop.Interrupted as e:
         print(e, file=sys.stderr)
         return e.exit_code
-    if result.history:
-        first, last = result.history[0], result.history[-1]
-        print(f"steps {result.start_step}->{result.step}: loss {first['loss']:.3f} -> "
-              f"{last['loss']:.3f} in {last['elapsed']:.0f}s; run directory {result.out}")
-    else:
-        print(f"nothing to train: {result.out} is already at step {result.step}")
+    _print_result(result)
     return 0
 
 
@@ -478,19 +487,7 @@ def _add_finetune(p: argparse.ArgumentParser):
     g.add_argument("--target-field", default="target", help="(default target)")
     g.add_argument("--prefix", default="", help="task prefix prepended to every input, e.g. "
                    "'translate English to German: ' (default none)")
-    g.add_argument("--tokenizer", default=None,
-                   help="'byte' or a transformers tokenizer directory (default: the --model "
-                        "directory's, else byte)")
-    g.add_argument("--inputs-length", type=POSITIVE, default=128,
-                   help="encoder length; longer inputs are truncated and counted (default 128)")
-    g.add_argument("--targets-length", type=POSITIVE, default=32,
-                   help="decoder length; longer targets are truncated and counted (default 32)")
-    g.add_argument("--pack", action=argparse.BooleanOptionalAction, default=True,
-                   help="pack several pairs per row (default: --pack)")
-    g.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
-                   help="compute dtype (default: bfloat16 on GPU/TPU, float32 on CPU)")
-    g.add_argument("--attention", choices=("auto", "xla", "pallas"), default="auto",
-                   help="(default auto)")
+    _add_sequence_flags(g, unit="pairs")
     g.add_argument("--dropout", type=_float_in(0.0, 1.0), default=None,
                    help="dropout rate (default: the model's)")
     g = p.add_argument_group("optimisation")
@@ -535,12 +532,7 @@ def _run_finetune(args) -> int:
     except loop.Interrupted as e:
         print(e, file=sys.stderr)
         return e.exit_code
-    if result.history:
-        first, last = result.history[0], result.history[-1]
-        print(f"steps {result.start_step}->{result.step}: loss {first['loss']:.3f} -> "
-              f"{last['loss']:.3f} in {last['elapsed']:.0f}s; run directory {result.out}")
-    else:
-        print(f"nothing to train: {result.out} is already at step {result.step}")
+    _print_result(result)
     return 0
 
 

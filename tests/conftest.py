@@ -77,6 +77,19 @@ def assert_kl(ref_logits, logits, *, dtype, what: str = ""):
     return kl
 
 
+@pytest.fixture(scope="module")
+def byt5_dir(tmp_path_factory):
+    """A tiny transformers ByT5-shaped model directory (shared by tests) with jt5's byte tokenizer files."""
+    pytest.importorskip("torch")
+    from jt5.tokenizer import tokenizer_files
+    from tests import hf_models
+    d = tmp_path_factory.mktemp("byt5")
+    hf_models.build("byt5", d)
+    for name, content in tokenizer_files("byte").items():
+        (d / name).write_bytes(content)
+    return d
+
+
 def _has_gpu() -> bool:
     try:
         import jax

@@ -35,19 +35,6 @@ def assert_one_error_line(code, err, *needles):
     return lines[0]
 
 
-@pytest.fixture(scope="module")
-def byt5_dir(tmp_path_factory):
-    """A tiny transformers ByT5-shaped model directory with jt5's byte tokenizer files."""
-    pytest.importorskip("torch")
-    from jt5.tokenizer import tokenizer_files
-    from tests import hf_models
-    d = tmp_path_factory.mktemp("byt5")
-    hf_models.build("byt5", d)
-    for name, content in tokenizer_files("byte").items():
-        (d / name).write_bytes(content)
-    return d
-
-
 # -- errors -----------------------------------------------------------------------------------
 @pytest.mark.parametrize("argv, needles", [
     (["pretrain", "--steps", "-5"], ["--steps", "-5"]),

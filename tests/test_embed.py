@@ -19,19 +19,6 @@ TEXTS = ["a much longer sentence than the others, to land in the 64 bucket " * 1
 
 
 @pytest.fixture(scope="module")
-def byt5_dir(tmp_path_factory):
-    """A tiny random transformers ByT5-shaped model with jt5's byte tokenizer files."""
-    pytest.importorskip("torch")
-    from jt5.tokenizer import tokenizer_files
-    from tests import hf_models
-    d = tmp_path_factory.mktemp("byt5")
-    hf_models.build("byt5", d)
-    for name, content in tokenizer_files("byte").items():
-        (d / name).write_bytes(content)
-    return d
-
-
-@pytest.fixture(scope="module")
 def reference(byt5_dir):
     """transformers' T5EncoderModel hidden states of TEXTS (float32), one text at a time."""
     import torch
