@@ -15,7 +15,7 @@ Peers, each run in the same process on the same inputs:
 Pallas kernels and with XLA attention against transformers' PyTorch T5 with
 ``attn_implementation="sdpa"`` on the same device and inputs (bf16 by default on a GPU).
 
-FLOPs (DESIGN.md): forward ``4*B*N*T*S*H`` (half that causal), backward 2.5x forward. The
+FLOPs (docs/design.md): forward ``4*B*N*T*S*H`` (half that causal), backward 2.5x forward. The
 "floor" row is those FLOPs at the device's dense bf16 peak. Memory is the compiled program's
 temporary buffer size (``memory_analysis``) of the fwd+bwd program; on a GPU the process'
 peak is printed too. CPU numbers mean nothing except, at most, ratios: the kernels run in

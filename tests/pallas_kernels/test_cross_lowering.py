@@ -1,7 +1,7 @@
 """Lower the kernels for CUDA on a CPU machine: runs the real Pallas -> Triton lowering.
 
 Interpret mode checks none of Triton's restrictions (power-of-two shapes, supported ops), so a
-Triton lowering error must fail here, without a GPU (DESIGN.md, "Kernels").
+Triton lowering error must fail here, without a GPU (docs/design.md, "Attention").
 """
 from __future__ import annotations
 
