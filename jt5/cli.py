@@ -340,13 +340,22 @@ def _add_sequence_flags(g, *, unit: str):
                    help="attention implementation (default auto: pallas on GPU, xla elsewhere)")
 
 
-def _print_result(result) -> None:
+def _train(run, cfg) -> int:
+    """Run a training loop; an interrupt (it saved a checkpoint) exits 130/143, else one summary."""
+    from train import loop
+
+    try:
+        result = run(cfg)
+    except loop.Interrupted as e:
+        print(e, file=sys.stderr)
+        return e.exit_code
     if result.history:
         first, last = result.history[0], result.history[-1]
         print(f"steps {result.start_step}->{result.step}: loss {first['loss']:.3f} -> "
               f"{last['loss']:.3f} in {last['elapsed']:.0f}s; run directory {result.out}")
     else:
         print(f"nothing to train: {result.out} is already at step {result.step}")
+    return 0
 
 
 def _add_pretrain(p: argparse.ArgumentParser):
@@ -434,13 +443,7 @@ def _run_pretrain(args) -> int:
         dropout_rate=args.dropout, tensorboard=args.tensorboard, export=not args.no_export,
         samples_per_kind=args.samples, max_new_tokens=args.max_new_tokens,
         progress=not args.no_progress)
-    try:
-        result = loop.run(cfg)
-    except loop.Interrupted as e:
-        print(e, file=sys.stderr)
-        return e.exit_code
-    _print_result(result)
-    return 0
+    return _train(loop.run, cfg)
 
 
 # -- finetune ---------------------------------------------------------------------------------
@@ -511,7 +514,7 @@ def _add_finetune(p: argparse.ArgumentParser):
 
 
 def _run_finetune(args) -> int:
-    from train import finetune, loop
+    from train import finetune
     from train.step import OptimConfig
 
     optim = OptimConfig(lr=args.lr, warmup_steps=args.warmup, total_steps=args.steps,
@@ -527,13 +530,7 @@ def _run_finetune(args) -> int:
         input_field=args.input_field, target_field=args.target_field, prefix=args.prefix,
         keep_best=args.keep_best, max_new_tokens=args.max_new_tokens,
         eval_generate=args.eval_generate)
-    try:
-        result = finetune.run(cfg)
-    except loop.Interrupted as e:
-        print(e, file=sys.stderr)
-        return e.exit_code
-    _print_result(result)
-    return 0
+    return _train(finetune.run, cfg)
 
 
 # -- embed ------------------------------------------------------------------------------------
