@@ -63,15 +63,8 @@ def run_peer(impl: str, dtype: str, model_dir: str, length: int, out: str) -> fl
             def call():
                 return model(input_ids=t).last_hidden_state
         else:
-            from nai_t5.t5_encoder import T5EncoderStack
-            from nai_t5.t5_hf import hf_to_based_t5_enc_state, to_based_config
-            from safetensors.torch import load_file
-            from transformers import T5Config
-            ncfg = to_based_config(T5Config.from_pretrained(model_dir), n_tokens=length)
-            model = T5EncoderStack(ncfg).eval()
-            model.load_state_dict(hf_to_based_t5_enc_state(
-                load_file(str(Path(model_dir) / "model.safetensors")), ncfg))
-            model = model.to(tdt)
+            from peers import nai_t5_encoder
+            model = nai_t5_encoder(model_dir, length).to(tdt)
 
             def call():
                 return model(t)

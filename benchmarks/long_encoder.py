@@ -79,14 +79,8 @@ def worker(impl: str, model_dir: str, length: int, repeats: int, sample: str) ->
             def call(t):
                 return model(input_ids=t).last_hidden_state
         else:
-            from nai_t5.t5_encoder import T5EncoderStack
-            from nai_t5.t5_hf import hf_to_based_t5_enc_state, to_based_config
-            from safetensors.torch import load_file
-            from transformers import T5Config
-            cfg = to_based_config(T5Config.from_pretrained(model_dir), n_tokens=length)
-            model = T5EncoderStack(cfg).eval()
-            model.load_state_dict(hf_to_based_t5_enc_state(
-                load_file(str(Path(model_dir) / "model.safetensors")), cfg))
+            from peers import nai_t5_encoder
+            model = nai_t5_encoder(model_dir, length)
 
             def call(t):
                 return model(t)
