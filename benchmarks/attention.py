@@ -6,7 +6,7 @@
     python benchmarks/attention.py --encoder t5-base --lengths 512,8192 --markdown enc.md
 
 Peers, each run in the same process on the same inputs:
-- ``xla_ref``: ``pallas_kernels.reference.attention_reference`` (dense [1,N,T,S] bias + mask);
+- ``xla_ref``: ``jt5.pallas_kernels.reference.attention_reference`` (dense [1,N,T,S] bias + mask);
 - ``dpa_xla`` / ``dpa_cudnn``: ``jax.nn.dot_product_attention`` with the dense bias
   (implementation None resp. "cudnn"; cuDNN only on a GPU);
 - ``pallas_mha``: jax's own Pallas ``mha`` with no bias at all: a ceiling, not a peer.
@@ -35,9 +35,9 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from pallas_kernels.flash_attention import flash_attention  # noqa: E402
-from pallas_kernels.reference import attention_reference, dense_bias  # noqa: E402
-from pallas_kernels.tuning import median_time  # noqa: E402
+from jt5.pallas_kernels.flash_attention import flash_attention  # noqa: E402
+from jt5.pallas_kernels.reference import attention_reference, dense_bias  # noqa: E402
+from jt5.pallas_kernels.tuning import median_time  # noqa: E402
 
 # Dense bf16 tensor-core peaks (vendor datasheets, SXM parts), for the FLOP floor only.
 PEAK_FLOPS = {"h100": 989e12, "h200": 989e12, "a100": 312e12, "l4": 121e12, "a10": 125e12}

@@ -190,7 +190,7 @@ def bench_one(hf, model, *, batch, beams, input_len, new_tokens, repeats, torch_
 
 def bench_kernel(model, *, batch, beams, input_len, new_tokens, repeats=20):
     """GPU only: the decode kernel alone on the last step's shapes; achieved bandwidth."""
-    from pallas_kernels.decode_attention import decode_attention, kv_bytes, live_length
+    from jt5.pallas_kernels.decode_attention import decode_attention, kv_bytes, live_length
     cfg = model.config
     rows, N, H = batch * beams, cfg.num_heads, cfg.d_kv
     dt = jnp.dtype(cfg.dtype)

@@ -58,7 +58,7 @@ step() {
 if (( DRY )); then
   # CPU: the same scripts and flags paths at tiny sizes, kernels in interpret mode.
   step gpu_tests 300 "$PY" -m pytest -q -m gpu -p no:cacheprovider tests/pallas_kernels/test_tuning.py
-  step autotune 300 "$PY" -m pallas_kernels.tuning --show
+  step autotune 300 "$PY" -m jt5.pallas_kernels.tuning --show
   step attention 300 "$PY" benchmarks/attention.py --cpu-small --lengths 128 --modes decoder \
     --repeats 1 --json "$OUT_DIR/attention.json" --markdown "$OUT_DIR/attention.md"
   step encoder 300 "$PY" benchmarks/attention.py --cpu-small --encoder tiny --lengths 64 \
@@ -69,7 +69,7 @@ if (( DRY )); then
     --inputs-length 32 --targets-length 8 --json "$OUT_DIR/train.json"
 else
   step gpu_tests 75 "$PY" -m pytest -q -m gpu -p no:cacheprovider tests/
-  step autotune 80 "$PY" -m pallas_kernels.tuning --write --lengths 2048 --head-dims 64 \
+  step autotune 80 "$PY" -m jt5.pallas_kernels.tuning --write --lengths 2048 --head-dims 64 \
     --time-budget-s 55
   cp pallas_kernels/tuning_table.json "$OUT_DIR/tuning_table.json"
   step attention 110 "$PY" benchmarks/attention.py --lengths 512,2048,8192,32768 --repeats 10 \

@@ -40,8 +40,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 
 import jt5  # noqa: E402
 from jt5 import sharding  # noqa: E402
-from train import step as step_lib  # noqa: E402
-from train.data import FEATURES, DataConfig, Pipeline  # noqa: E402
+from jt5.train import step as step_lib  # noqa: E402
+from jt5.train.data import FEATURES, DataConfig, Pipeline  # noqa: E402
 
 
 def model_flops(cfg: jt5.T5Config, B: int, S: int, T: int) -> dict:

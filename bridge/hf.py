@@ -18,7 +18,7 @@ from typing import Iterator, Mapping
 
 import numpy as np
 
-from bridge import keymap
+from jt5.bridge import keymap
 from jt5.config import T5Config
 
 SAFE, SAFE_INDEX = "model.safetensors", "model.safetensors.index.json"

@@ -49,7 +49,7 @@ def save_model(model, path, *, extra_files=None):
     import orbax.checkpoint as ocp
     from flax import nnx
 
-    from bridge.hf import default_file_mode
+    from jt5.bridge.hf import default_file_mode
 
     path = Path(path).absolute()
     path.mkdir(parents=True, exist_ok=True)

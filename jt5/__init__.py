@@ -9,6 +9,19 @@ bridge, UL2 pretraining and jitted generation.
     model = jt5.load("runs/pretrain")   # any format: transformers dir, jt5 checkpoint, run dir
     vectors = jt5.embed(hf_dir, texts, pooling="mean").embeddings   # [N, D] encoder embeddings
 """
+import os as _os
+
+# jt5.bridge, jt5.train and jt5.pallas_kernels live in the repository's top-level folders
+# bridge/, train/, pallas_kernels/ (pyproject maps them into the jt5 package when installed). In a
+# source checkout run with PYTHONPATH=. the folder above this one holds them: search it too, so
+# they resolve as jt5.* there as well. Nothing is ever installed as a top-level ``bridge`` or
+# ``train`` that a user's own bridge.py / train.py could shadow (or be shadowed by).
+_root = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
+if not _os.path.isdir(_os.path.join(__path__[0], "bridge")) and all(
+        _os.path.isfile(_os.path.join(_root, d, "__init__.py"))
+        for d in ("bridge", "train", "pallas_kernels")):
+    __path__.append(_root)
+
 from jt5.config import PRESETS, T5Config, preset
 from jt5.embeddings import embed
 from jt5.formats import load

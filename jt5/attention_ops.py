@@ -4,7 +4,7 @@ A stack (encoder or decoder) builds a :class:`Plan` once per forward pass — ma
 query offset — and every layer calls :func:`attention` with it. On the XLA path the plan holds the
 dense ``[1, N, T, S]`` bias and ``[B, 1, T, S]`` mask, computed once per stack rather than per
 layer (T5 shares one bias table per stack) — up to ``CHUNKED_MIN_ELEMENTS`` query x key
-positions; above that the XLA path runs ``pallas_kernels.chunked`` (online softmax over query x
+positions; above that the XLA path runs ``jt5.pallas_kernels.chunked`` (online softmax over query x
 key chunks, memory linear in the length, forward and backward). On the Pallas path nothing dense
 is ever built: the kernels compute the bias from the ``[K, N]`` table and skip masked blocks
 from segment ids.
@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from flax import struct
 
 from jt5.config import ATTENTION_IMPLS
-from pallas_kernels import reference
+from jt5.pallas_kernels import reference
 
 # T x S from which the XLA path attends in chunks. Measured on a 2-core CPU (B=1, N=8, H=64,
 # float32, with bias; benchmarks/RESULTS.md "Long inputs"): chunks of 512 are 0.7x the dense
@@ -135,13 +135,13 @@ def attention(q, k, v, plan: Plan, *, kv_heads_major: bool = False):
               max_distance=128 if b is None else b.max_distance)
     windows = dict(local_window=m.local_window, num_global_tokens=m.num_global_tokens)
     if plan.impl == "chunked":
-        from pallas_kernels.chunked import chunked_attention
+        from jt5.pallas_kernels.chunked import chunked_attention
         return chunked_attention(q, k, v, table, **kw, **windows, block_q=CHUNK, block_k=CHUNK)
     if q.shape[1] == 1 and m.local_window is None and not m.num_global_tokens:
         # One query row (a decode step): flash-decoding, split-K over the cache.
-        from pallas_kernels.decode_attention import decode_attention
+        from jt5.pallas_kernels.decode_attention import decode_attention
         return decode_attention(q, k, v, table, **kw, interpret=_INTERPRET.get())
-    from pallas_kernels import flash_attention  # the kernels import Pallas; load on first use
+    from jt5.pallas_kernels import flash_attention  # the kernels import Pallas; load on first use
 
     return flash_attention(q, k, v, table, **kw, **windows, interpret=_INTERPRET.get())
 

@@ -78,7 +78,7 @@ def _add_convert(p: argparse.ArgumentParser):
 
 
 def _run_convert(args) -> int:
-    from bridge import hf, native
+    from jt5.bridge import hf, native
     from jt5 import formats
     from jt5.model import T5EncoderModel, T5ForConditionalGeneration
     from jt5.tokenizer import tokenizer_files
@@ -342,7 +342,7 @@ def _add_sequence_flags(g, *, unit: str):
 
 def _train(run, cfg) -> int:
     """Run a training loop; an interrupt (it saved a checkpoint) exits 130/143, else one summary."""
-    from train import loop
+    from jt5.train import loop
 
     try:
         result = run(cfg)
@@ -359,7 +359,7 @@ def _train(run, cfg) -> int:
 
 
 def _add_pretrain(p: argparse.ArgumentParser):
-    # Choices spelled here (as train.step.OPTIMIZERS / SCHEDULES) so --help does not import train.
+    # Choices spelled here (as jt5.train.step.OPTIMIZERS / SCHEDULES) so --help does not import jt5.train.
     OPTIMIZERS, SCHEDULES = ("adamw", "adafactor"), ("cosine", "linear", "rsqrt", "constant")
     p.formatter_class = argparse.RawDescriptionHelpFormatter
     p.epilog = _PRETRAIN_EPILOG
@@ -426,8 +426,8 @@ def _add_pretrain(p: argparse.ArgumentParser):
 
 
 def _run_pretrain(args) -> int:
-    from train import loop
-    from train.step import OptimConfig
+    from jt5.train import loop
+    from jt5.train.step import OptimConfig
 
     loop.init_distributed(args.coordinator, args.num_processes, args.process_id)
     optim = OptimConfig(optimizer=args.optimizer, lr=args.lr, warmup_steps=args.warmup,
@@ -514,8 +514,8 @@ def _add_finetune(p: argparse.ArgumentParser):
 
 
 def _run_finetune(args) -> int:
-    from train import finetune
-    from train.step import OptimConfig
+    from jt5.train import finetune
+    from jt5.train.step import OptimConfig
 
     optim = OptimConfig(lr=args.lr, warmup_steps=args.warmup, total_steps=args.steps,
                         weight_decay=args.weight_decay)
@@ -647,7 +647,7 @@ class _Stderr(logging.Handler):
 def _setup_logging():
     handler = _Stderr()
     handler.setFormatter(_Format())
-    for name in ("jt5", "train", "bridge"):  # the project's loggers: info and up, clean format
+    for name in ("jt5",):  # the project's loggers: info and up, clean format
         logger = logging.getLogger(name)
         logger.handlers[:] = [handler]
         logger.setLevel(logging.INFO)
@@ -675,7 +675,7 @@ USER_ERRORS = (ValueError, OSError, ImportError)
 
 
 def _is_user_error(e: BaseException) -> bool:
-    ours = type(e).__module__.split(".")[0] in ("jt5", "train", "bridge")
+    ours = type(e).__module__.split(".")[0] == "jt5"
     return isinstance(e, USER_ERRORS) or (ours and isinstance(e, RuntimeError))
 
 

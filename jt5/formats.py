@@ -32,7 +32,7 @@ class Source(NamedTuple):
 def _run_tokenizer(path: Path) -> Optional[str]:
     """A run's tokenizer: its export ``hf/`` if written, else what its checkpoint trained with."""
     from jt5.tokenizer import BYTE_SPEC, has_tokenizer_files
-    from train import checkpoint as ckpt
+    from jt5.train import checkpoint as ckpt
 
     if has_tokenizer_files(path / "hf"):
         return str(path / "hf")
@@ -48,7 +48,7 @@ def _run_tokenizer(path: Path) -> Optional[str]:
 
 def locate(path) -> Source:
     """Which format ``path`` holds; ``FileNotFoundError`` / ``ValueError`` naming it otherwise."""
-    from bridge import native
+    from jt5.bridge import native
     from jt5.tokenizer import has_tokenizer_files
 
     p = Path(path)
@@ -61,7 +61,7 @@ def locate(path) -> Source:
     if native.is_native_dir(p):
         return Source(p, "jt5", str(p) if has_tokenizer_files(p) else None)
     if (p / "checkpoints").is_dir() or any(c.is_dir() and c.name.isdigit() for c in p.iterdir()):
-        from train import checkpoint as ckpt
+        from jt5.train import checkpoint as ckpt
         if ckpt.latest_complete_step(p) is None:
             raise FileNotFoundError(f"{path}: a pretraining run directory without a complete "
                                     f"checkpoint (under {ckpt.checkpoint_dir(p)})")
@@ -73,15 +73,15 @@ def load_config(path):
     """The ``T5Config`` stored at ``path`` (any format), without reading weights."""
     src = locate(path)
     if src.kind == "hf":
-        from bridge import hf, keymap
+        from jt5.bridge import hf, keymap
         return keymap.config_from_hf(hf.read_config(src.path),
                                      has_lm_head="lm_head.weight" in hf.StateDict(src.path),
                                      source=str(src.path))
     if src.kind == "jt5":
-        from bridge import native
+        from jt5.bridge import native
         return native.read_meta(src.path)[0]
-    from bridge.native import config_from_dict
-    from train import checkpoint as ckpt
+    from jt5.bridge.native import config_from_dict
+    from jt5.train import checkpoint as ckpt
     step_dir = ckpt.checkpoint_dir(src.path) / str(ckpt.latest_complete_step(src.path))
     return config_from_dict(ckpt.read_meta(step_dir)["model_config"], str(step_dir / "data"))
 
@@ -101,7 +101,7 @@ def load(path, cls=None, *, dtype: Optional[str] = None, param_dtype: Optional[s
     src = locate(path)
     overrides = {k: v for k, v in config_overrides.items() if v is not None}
     if src.kind == "hf":
-        from bridge import hf
+        from jt5.bridge import hf
         return hf.load_pretrained(src.path, cls or T5ForConditionalGeneration, dtype=dtype,
                                   param_dtype=param_dtype, attention=attention,
                                   shardings=shardings, progress=progress, **overrides)
@@ -112,8 +112,8 @@ def load(path, cls=None, *, dtype: Optional[str] = None, param_dtype: Optional[s
     if attention is not None:
         overrides["attention"] = attention
     if src.kind == "jt5":  # cls None: the class the checkpoint was saved as
-        from bridge import native
+        from jt5.bridge import native
         return native.load_model(src.path, cls, shardings=shardings, **overrides)
-    from train.checkpoint import load_model_from_run
+    from jt5.train.checkpoint import load_model_from_run
     return load_model_from_run(src.path, cls or T5ForConditionalGeneration, shardings=shardings,
                                **overrides)

@@ -13,7 +13,7 @@ layer's own ``global_input_layer_norm`` and projected by the layer's k/v. Side k
 by block distance from a second per-stack table (``compute_side_bias``,
 ``global_relative_attention_bias``, built by the first layer and shared like the local one), and
 the query attends over local and side keys in ONE softmax. The kernels take no extra keys with
-their own bias, so this attention always runs the dense XLA path (``pallas_kernels.reference``),
+their own bias, so this attention always runs the dense XLA path (``jt5.pallas_kernels.reference``),
 also under ``attention="pallas"``.
 """
 from __future__ import annotations
@@ -29,7 +29,7 @@ from jt5 import attention_ops as ops
 from jt5.attention import _Attention
 from jt5.config import T5Config
 from jt5.layers import RMSNorm
-from pallas_kernels import reference
+from jt5.pallas_kernels import reference
 
 
 def encoder_mask(config: T5Config, mask: ops.Mask) -> ops.Mask:

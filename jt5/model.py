@@ -177,11 +177,11 @@ class T5EncoderModel(nnx.Module):
     @classmethod
     def from_pretrained(cls, path, *, dtype: str | None = None, attention: str | None = None,
                         **config_overrides):
-        from bridge.hf import load_pretrained
+        from jt5.bridge.hf import load_pretrained
         return load_pretrained(path, cls, dtype=dtype, attention=attention, **config_overrides)
 
     def save_pretrained(self, path):
-        from bridge.hf import save_pretrained
+        from jt5.bridge.hf import save_pretrained
         save_pretrained(self, path)
 
 
@@ -290,12 +290,12 @@ class T5ForConditionalGeneration(nnx.Module):
     def from_pretrained(cls, path, *, dtype: str | None = None, attention: str | None = None,
                         **config_overrides):
         """Load a transformers directory (config.json + safetensors / pytorch_model.bin)."""
-        from bridge.hf import load_pretrained
+        from jt5.bridge.hf import load_pretrained
         return load_pretrained(path, cls, dtype=dtype, attention=attention, **config_overrides)
 
     def save_pretrained(self, path):
         """Write a directory that transformers' ``from_pretrained`` loads as is."""
-        from bridge.hf import save_pretrained
+        from jt5.bridge.hf import save_pretrained
         save_pretrained(self, path)
 
     def generate(self, input_ids, attention_mask=None, generation_config=None, **kwargs):

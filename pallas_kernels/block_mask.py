@@ -7,7 +7,7 @@ kernel skips the elementwise mask), then PARTIAL ones (the kernel applies the ma
 blocks are never listed, so the kernel never visits them.
 
 Rows are query blocks for the forward and dq kernels, key blocks for the dk/dv kernel
-(``transpose=True``). Visibility is exactly ``pallas_kernels.reference.dense_mask``; the
+(``transpose=True``). Visibility is exactly ``jt5.pallas_kernels.reference.dense_mask``; the
 classification here is conservative and jittable (traced segment ids and ``q_offset``), and
 never builds a dense ``T x S`` mask:
 

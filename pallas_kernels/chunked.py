@@ -23,7 +23,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels import reference
+from jt5.pallas_kernels import reference
 
 
 def _pad_to(x, n: int, axis: int, value=0):

@@ -1,9 +1,9 @@
 """Compile every kernel the model can launch to machine code on a CPU: shared memory, registers,
 spills and ptxas warnings per configuration, and a verdict against the target's limits.
 
-    python -m pallas_kernels.compile_check                        # sm_90a, bf16 + f16, H 64/128
-    python -m pallas_kernels.compile_check --arch sm_80 --json out.json
-    python -m pallas_kernels.compile_check --dtypes float32 --masks none --kernels flash
+    python -m jt5.pallas_kernels.compile_check                        # sm_90a, bf16 + f16, H 64/128
+    python -m jt5.pallas_kernels.compile_check --arch sm_80 --json out.json
+    python -m jt5.pallas_kernels.compile_check --dtypes float32 --masks none --kernels flash
 
 For each configuration (tile choice x dtype x head dim x mask kind) the flash forward and
 backward (dk/dv, dq) or the decode kernel is lowered for CUDA
@@ -37,9 +37,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels import decode_attention as decode_lib
-from pallas_kernels import tuning
-from pallas_kernels.flash_attention import BlockSizes, flash_attention
+from jt5.pallas_kernels import decode_attention as decode_lib
+from jt5.pallas_kernels import tuning
+from jt5.pallas_kernels.flash_attention import BlockSizes, flash_attention
 
 _WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "triton_compile.py")
 # Usable shared memory per block (CUDA programming guide, compute capabilities table).

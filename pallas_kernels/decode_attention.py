@@ -1,7 +1,7 @@
 """Flash-decoding for T5 in Pallas (Triton lowering): one query row per (batch, head), the KV
 cache split across programs (split-K), partial ``(o, m, l)`` combined outside the kernel.
 
-Semantics are exactly ``pallas_kernels.reference.attention_reference`` with a query length of 1
+Semantics are exactly ``jt5.pallas_kernels.reference.attention_reference`` with a query length of 1
 (``decode_attention_reference`` beside the kernel is that oracle):
 
 - decoder self-attention: ``causal=True`` and ``q_offset`` = the position being decoded (a traced
@@ -41,8 +41,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels import reference
-from pallas_kernels.reference import MASK_VALUE
+from jt5.pallas_kernels import reference
+from jt5.pallas_kernels.reference import MASK_VALUE
 
 _DEFAULT_SMS = 132  # H100 SXM; used when the device does not report its core count
 

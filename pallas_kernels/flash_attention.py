@@ -1,7 +1,7 @@
 """Flash attention for T5 in Pallas (Triton lowering): in-kernel relative position bias,
 block-sparse masks, forward and backward.
 
-Semantics are exactly ``pallas_kernels.reference.attention_reference`` (the contract and the
+Semantics are exactly ``jt5.pallas_kernels.reference.attention_reference`` (the contract and the
 oracle). Layout ``[B, T, N, H]`` / ``[B, S, N, H]``; the kernels follow jax's
 ``pallas/ops/gpu/attention.py`` (one program per (query block, batch, head), online softmax in
 base 2, FlashAttention-2 §3.1) with three T5 additions:
@@ -32,8 +32,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.block_mask import make_block_mask
-from pallas_kernels.reference import MASK_VALUE, bucket_lut, check_attention_args
+from jt5.pallas_kernels.block_mask import make_block_mask
+from jt5.pallas_kernels.reference import MASK_VALUE, bucket_lut, check_attention_args
 
 LOG2E = math.log2(math.e)
 # lse of a row without any visible key: exp2(s - lse) underflows to exactly 0 for every s.
@@ -484,7 +484,7 @@ def flash_attention(q, k, v, bias_table=None, *, q_segment_ids=None, kv_segment_
     if interpret is None:
         interpret = jax.default_backend() != "gpu"
     if block_sizes is None:
-        from pallas_kernels import tuning  # tuning imports BlockSizes from here
+        from jt5.pallas_kernels import tuning  # tuning imports BlockSizes from here
         block_sizes = tuning.get_block_sizes(
             "interpret" if interpret else jax.devices()[0].device_kind, T, S, H, q.dtype, causal)
     bs = block_sizes.validate().fitted(T, S)

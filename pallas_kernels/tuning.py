@@ -1,9 +1,9 @@
 """Block sizes for ``flash_attention``: a cached table per device kind, a heuristic fallback,
 and an autotuner that measures candidates on a GPU and writes the table.
 
-    python -m pallas_kernels.tuning --write          # on a GPU: measure and update the table
-    python -m pallas_kernels.tuning --prune          # on a CPU: keep spill-free candidates
-    python -m pallas_kernels.tuning --show           # print the table
+    python -m jt5.pallas_kernels.tuning --write          # on a GPU: measure and update the table
+    python -m jt5.pallas_kernels.tuning --prune          # on a CPU: keep spill-free candidates
+    python -m jt5.pallas_kernels.tuning --show           # print the table
 
 The table (``tuning_table.json`` beside this file) is keyed by device kind, head dim, dtype,
 causal and power-of-two buckets of the query/key lengths. Entries carry ``"source"``:
@@ -27,7 +27,7 @@ import time
 
 import numpy as np
 
-from pallas_kernels.flash_attention import BlockSizes
+from jt5.pallas_kernels.flash_attention import BlockSizes
 
 TABLE_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tuning_table.json")
 _MIN_BUCKET, _MAX_BUCKET = 128, 32768
@@ -95,7 +95,7 @@ def heuristic_block_sizes(device_kind: str, T: int, S: int, H: int, dtype, causa
     if kind in ("interpret", "cpu"):
         bs = _INTERPRET
     elif H <= 64:   # Hopper/Ampere, T5's head dim. 8 warps: at 4 the 128x64 forward tile
-        # spills under every elementwise mask (255 registers; see pallas_kernels.compile_check)
+        # spills under every elementwise mask (255 registers; see jt5.pallas_kernels.compile_check)
         bs = BlockSizes(block_q=128, block_k=64, num_warps=8, num_stages=3,
                         block_q_dkv=32, block_k_dkv=64, block_q_dq=64, block_k_dq=32,
                         num_warps_bwd=4, num_stages_bwd=2)
@@ -174,7 +174,7 @@ def autotune(shapes=((4, 2048, 2048, 12, 64),), dtype="bfloat16", causal_options
     import jax
     import jax.numpy as jnp
 
-    from pallas_kernels.flash_attention import flash_attention
+    from jt5.pallas_kernels.flash_attention import flash_attention
     if jax.default_backend() != "gpu":
         raise RuntimeError("autotune needs a GPU (the Triton kernels cannot be timed in interpret mode)")
     kind = jax.devices()[0].device_kind
@@ -278,7 +278,7 @@ def prune(H: int, dtype, *, arch: str = "sm_90a", masks=PRUNE_MASKS, workers: in
     Returns ``{"fwd": [...], "bwd": [...], "masks", "triton", "jax", "stats": {part: worst}}``."""
     import jax
 
-    from pallas_kernels import compile_check
+    from jt5.pallas_kernels import compile_check
 
     cands = candidates(H, dtype, pruned=False)
     fwds = list(dict.fromkeys(map(fwd_part, cands)))

@@ -17,8 +17,8 @@ from flax import nnx  # noqa: E402
 from safetensors.numpy import load_file, save_file  # noqa: E402
 
 import jt5  # noqa: E402
-from bridge import CheckpointError, hf_to_jt5, jt5_to_hf, read_config  # noqa: E402
-from bridge.keymap import config_from_hf  # noqa: E402
+from jt5.bridge import CheckpointError, hf_to_jt5, jt5_to_hf, read_config  # noqa: E402
+from jt5.bridge.keymap import config_from_hf  # noqa: E402
 from tests import hf_models  # noqa: E402
 from tests.conftest import assert_close  # noqa: E402
 
@@ -93,7 +93,7 @@ def test_sharded_safetensors_and_pytorch_bin(tmp_path):
     import torch
     hf = hf_models.build("t5-v1_1", tmp_path / "single")
     model = jt5.T5ForConditionalGeneration.from_pretrained(tmp_path / "single", attention="xla")
-    bridge_hf = sys.modules["bridge.hf"]
+    bridge_hf = sys.modules["jt5.bridge.hf"]
     sd, cfg = jt5_to_hf(model.config, bridge_hf.model_params(model))
     bridge_hf.write_hf_dir(tmp_path / "sharded", sd, cfg, max_shard_size="20KB")
     shards = sorted(p.name for p in (tmp_path / "sharded").glob("model-*-of-*.safetensors"))
@@ -285,7 +285,7 @@ def test_core_import_without_torch():
 
 def test_nnx_state_paths_match_keymap():
     """Every jt5 parameter has exactly one transformers key, for each architecture variant."""
-    from bridge.keymap import rules
+    from jt5.bridge.keymap import rules
     for name, (mt, over, untied) in hf_models.VARIANTS.items():
         raw = {**hf_models.SMALL, **over, "model_type": mt,
                "tie_word_embeddings": not untied}

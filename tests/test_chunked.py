@@ -10,8 +10,8 @@ from flax import nnx
 
 import jt5
 from jt5 import attention_ops
-from pallas_kernels.chunked import chunked_attention
-from pallas_kernels.reference import attention_reference
+from jt5.pallas_kernels.chunked import chunked_attention
+from jt5.pallas_kernels.reference import attention_reference
 from tests.conftest import assert_close
 
 B, T, S, N, H = 2, 77, 90, 3, 8  # lengths that are no multiple of the chunks

@@ -158,7 +158,7 @@ def test_convert_carries_tokenizer_files_and_writes_normal_modes(tmp_path, byt5_
 def test_export_modes_follow_the_umask(tmp_path):
     """``write_hf_dir`` renames files out of a 0700 temporary directory: their mode must still be
     what the umask gives (safetensors' writer alone makes model.safetensors 0600)."""
-    from bridge.hf import write_hf_dir
+    from jt5.bridge.hf import write_hf_dir
     sd = {"w": np.zeros((2, 2), np.float32)}
     old = os.umask(0o027)
     try:
@@ -192,10 +192,10 @@ def test_generate_parses_prompt_specials_and_shows_blank_outputs(byt5_dir, capsy
 
 
 def test_warnings_print_without_logger_names(capsys):
-    """``warning: ...`` on stderr, not ``WARNING:train.loop:...``; info lines are bare."""
+    """``warning: ...`` on stderr, not ``WARNING:jt5.train.loop:...``; info lines are bare."""
     import logging
     cli._setup_logging()
-    logging.getLogger("train.loop").warning("no held-out documents: no samples")
-    logging.getLogger("train.data").info("tokenised 3 documents")
+    logging.getLogger("jt5.train.loop").warning("no held-out documents: no samples")
+    logging.getLogger("jt5.train.data").info("tokenised 3 documents")
     assert capsys.readouterr().err.splitlines() == [
         "warning: no held-out documents: no samples", "tokenised 3 documents"]

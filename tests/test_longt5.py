@@ -19,8 +19,8 @@ from flax import nnx  # noqa: E402
 from safetensors.numpy import load_file, save_file  # noqa: E402
 
 import jt5  # noqa: E402
-from bridge import read_config  # noqa: E402
-from bridge.keymap import config_from_hf  # noqa: E402
+from jt5.bridge import read_config  # noqa: E402
+from jt5.bridge.keymap import config_from_hf  # noqa: E402
 from jt5 import longt5  # noqa: E402
 from tests import hf_models  # noqa: E402
 from tests.conftest import assert_close  # noqa: E402
@@ -248,7 +248,7 @@ def test_transient_global_is_refused_on_t5_checkpoints(tmp_path):
 def test_presets_map_to_longt5_files(name):
     """Every parameter of a LongT5 preset has one transformers key, and its config.json reads
     back as the same architecture (no arrays are allocated)."""
-    from bridge.keymap import config_to_hf, rules
+    from jt5.bridge.keymap import config_to_hf, rules
     cfg = jt5.preset(name)
     paths = {p for p, _ in nnx.to_flat_state(nnx.state(jt5.abstract_model(cfg), nnx.Param))}
     mapped = [r.jt5 for r in rules(cfg)]

@@ -121,7 +121,7 @@ def test_mesh_spec_errors():
 
 def test_cli_convert_round_trip(tmp_path):
     """jt5 -> orbax -> HF -> jt5 keeps every parameter; the CLI prints what it wrote."""
-    from bridge import hf, native
+    from jt5.bridge import hf, native
     from jt5 import cli
 
     cfg = jt5.preset("tiny", attention="xla")

@@ -156,7 +156,7 @@ def test_packed_rows_equal_separate_rows(tmp_path):
 def test_parameter_gradients_match_torch(tmp_path):
     """d(loss)/d(params) of jt5 equals transformers' autograd gradients (float32)."""
     import torch
-    from bridge import jt5_to_hf
+    from jt5.bridge import jt5_to_hf
 
     path = tmp_path / "m"
     hf = hf_models.build("t5-v1_0", path)

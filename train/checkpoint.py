@@ -166,7 +166,7 @@ def load_model_from_run(run_dir, cls=None, *, step: Optional[int] = None,
     """
     from flax import nnx
 
-    from bridge.native import config_from_dict
+    from jt5.bridge.native import config_from_dict
     from jt5.model import T5ForConditionalGeneration, abstract_model
 
     cls = cls or T5ForConditionalGeneration

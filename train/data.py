@@ -40,7 +40,7 @@ Packing (``pack=True``): candidates are placed first-fit into the step's rows un
 row; that one candidate is discarded (a random draw, not a piece of the corpus — sampling is with
 replacement), so at most one draw per step is dropped and nothing is silently truncated. Each raw
 length is chosen so an example fills its inputs or its targets, so packing mostly fills gaps with
-short documents and document tails; ``python -m train.data`` measures the fill.
+short documents and document tails; ``python -m jt5.train.data`` measures the fill.
 
 Measured (one core of a shared 2-core CPU box, byte tokenizer, builtin corpus, 128 local rows at
 inputs 512 / targets 114, UL2 mixture): ~15-19k examples/s packed (~130-150 batches/s, ~10-12M token
@@ -66,10 +66,10 @@ from typing import Iterator, NamedTuple, Optional, Sequence, Union
 import numpy as np
 
 from jt5.tokenizer import Tokenizer, load_tokenizer
-from train import corpus
-from train.ul2 import (MODE_NAMES, Denoiser, Examples, SpecialIds, draw_splits, example_lengths,
-                       fit_raw_length, make_examples, mixture_probs, prefix_lm_lengths,
-                       resolve_mixture)
+from jt5.train import corpus
+from jt5.train.ul2 import (MODE_NAMES, Denoiser, Examples, SpecialIds, draw_splits, example_lengths,
+                           fit_raw_length, make_examples, mixture_probs, prefix_lm_lengths,
+                           resolve_mixture)
 
 log = logging.getLogger(__name__)
 
@@ -476,7 +476,7 @@ class Pipeline:
 
 
 def _main(argv=None):
-    """Preview + throughput: ``python -m train.data --inputs-length 512 --targets-length 114``."""
+    """Preview + throughput: ``python -m jt5.train.data --inputs-length 512 --targets-length 114``."""
     p = argparse.ArgumentParser(description=_main.__doc__)
     p.add_argument("--data", nargs="+", default=["builtin"])
     p.add_argument("--tokenizer", default="byte")

@@ -26,8 +26,8 @@ import numpy as np
 
 from jt5.model import T5ForConditionalGeneration
 from jt5.tokenizer import load_tokenizer, tokenizer_files
-from train.pairs import PairData, PairsConfig
-from train.runner import RunConfig, Trainer, default_dtype, export_hf, prepare, tokenizer_spec
+from jt5.train.pairs import PairData, PairsConfig
+from jt5.train.runner import RunConfig, Trainer, default_dtype, export_hf, prepare, tokenizer_spec
 
 log = logging.getLogger(__name__)
 BEST = "best"
@@ -144,7 +144,7 @@ def _read_best(best_dir: Path) -> Optional[dict]:
 def _keep_if_best(model, tokenizer, best_dir: Path, step: int, loss: float) -> None:
     """Save the parameters to OUT/best when ``loss`` beats the record there (ties keep the older:
     a resumed run recomputing the same step finds its own record and writes nothing)."""
-    from bridge import native
+    from jt5.bridge import native
     best = _read_best(best_dir)
     if best is not None and best["eval_loss"] <= loss:
         return

@@ -7,7 +7,7 @@ continues exactly as an uninterrupted run would: batch ``s`` is a pure function 
 ``train/data.py``), the dropout key of update ``s`` is ``fold_in(rng, s)``, and ``metrics.jsonl``
 is cut back to the restored step before new lines are appended. A non-finite loss stops the run
 (:class:`NonFiniteLoss`) before anything computed from it is saved. SIGINT / SIGTERM finish the
-step in flight, save it and stop (:class:`train.signals.Interrupted`). At the end the model is
+step in flight, save it and stop (:class:`jt5.train.signals.Interrupted`). At the end the model is
 written as a transformers directory (``OUT/hf``, with tokenizer files) and a few held-out examples
 are generated from it into ``OUT/samples.txt``.
 
@@ -27,12 +27,12 @@ import numpy as np
 
 from jt5.model import T5ForConditionalGeneration
 from jt5.tokenizer import load_tokenizer
-from train.data import DataConfig, Pipeline, assemble
-from train.runner import (TIMING_KEYS, MetricsWriter, NonFiniteLoss, RunConfig, Trainer,  # noqa: F401
-                          default_dtype, export_hf, init_distributed, prepare, read_metrics,
-                          tokenizer_spec)
-from train.signals import Interrupted  # noqa: F401  (raised by Trainer.train)
-from train.ul2 import Examples
+from jt5.train.data import DataConfig, Pipeline, assemble
+from jt5.train.runner import (TIMING_KEYS, MetricsWriter, NonFiniteLoss, RunConfig, Trainer,  # noqa: F401
+                              default_dtype, export_hf, init_distributed, prepare, read_metrics,
+                              tokenizer_spec)
+from jt5.train.signals import Interrupted  # noqa: F401  (raised by Trainer.train)
+from jt5.train.ul2 import Examples
 
 log = logging.getLogger(__name__)
 

@@ -32,8 +32,8 @@ from typing import NamedTuple, Optional
 import numpy as np
 
 from jt5.tokenizer import Tokenizer
-from train.data import assemble
-from train.ul2 import Examples
+from jt5.train.data import assemble
+from jt5.train.ul2 import Examples
 
 EXTENSIONS = {".jsonl": "jsonl", ".json": "jsonl", ".csv": "csv", ".tsv": "tsv"}
 _OPEN_ROWS = 16       # first-fit looks back over this many open rows (fill vs. O(N) time)

@@ -9,7 +9,7 @@
 initialises / loads ``--model``), and prints the run's start line. ``train`` runs the jitted,
 donated steps with the same guarantees for every kind of run: a non-finite loss stops it before
 anything computed from it is saved (:class:`NonFiniteLoss`); SIGINT / SIGTERM finish the step in
-flight, save it and raise :class:`train.signals.Interrupted`; ``OUT/metrics.jsonl`` is cut back to
+flight, save it and raise :class:`jt5.train.signals.Interrupted`; ``OUT/metrics.jsonl`` is cut back to
 the restored step, so a resumed run's file equals an uninterrupted one's (given batches that are a
 pure function of the step, and dropout keyed by ``fold_in(rng, step)``).
 """
@@ -31,10 +31,10 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from jt5 import formats, sharding
 from jt5.config import PRESETS, T5Config, preset
 from jt5.model import T5ForConditionalGeneration, abstract_model
-from train import step as step_lib
-from train.checkpoint import Checkpoints
-from train.data import FEATURES
-from train.signals import Interrupted, StopOnSignal
+from jt5.train import step as step_lib
+from jt5.train.checkpoint import Checkpoints
+from jt5.train.data import FEATURES
+from jt5.train.signals import Interrupted, StopOnSignal
 
 log = logging.getLogger(__name__)
 
@@ -433,7 +433,7 @@ class Trainer:
 def export_hf(model, tokenizer, out: Path) -> Optional[Path]:
     """Write ``OUT/hf`` with tokenizer files (all processes gather, process 0 writes); returns
     the directory on process 0, None elsewhere."""
-    from bridge import hf
+    from jt5.bridge import hf
     from jt5.tokenizer import tokenizer_files
 
     params = hf.model_params(model)  # a collective on multi-host: every process calls it

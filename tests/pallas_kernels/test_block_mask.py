@@ -6,8 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels.block_mask import classify_blocks, make_block_mask, tables_from_classes
-from pallas_kernels.reference import dense_mask
+from jt5.pallas_kernels.block_mask import classify_blocks, make_block_mask, tables_from_classes
+from jt5.pallas_kernels.reference import dense_mask
 
 
 def _dense_blocks(T, S, bq, bk, kv_valid_len=None, **kw):

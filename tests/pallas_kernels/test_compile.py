@@ -1,6 +1,6 @@
 """Every kernel configuration the model can launch compiles to machine code within the target's
 limits: no compile error, shared memory under the limit, no register spill (pip triton, no GPU;
-``python -m pallas_kernels.compile_check`` prints the same table)."""
+``python -m jt5.pallas_kernels.compile_check`` prints the same table)."""
 from __future__ import annotations
 
 import json
@@ -10,9 +10,9 @@ import pytest
 
 pytest.importorskip("triton")
 
-from pallas_kernels import compile_check as cc  # noqa: E402
-from pallas_kernels.flash_attention import BlockSizes  # noqa: E402
-from pallas_kernels.triton_compile import parse_ptxas_log  # noqa: E402
+from jt5.pallas_kernels import compile_check as cc  # noqa: E402
+from jt5.pallas_kernels.flash_attention import BlockSizes  # noqa: E402
+from jt5.pallas_kernels.triton_compile import parse_ptxas_log  # noqa: E402
 
 
 @pytest.mark.parametrize("arch", ["sm_90a", "sm_80"])

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 from jax import lax
 
-from pallas_kernels.flash_attention import BlockSizes, flash_attention
-from pallas_kernels.tuning import heuristic_block_sizes
+from jt5.pallas_kernels.flash_attention import BlockSizes, flash_attention
+from jt5.pallas_kernels.tuning import heuristic_block_sizes
 
 H100 = "NVIDIA H100 80GB HBM3"
 

@@ -8,8 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels.decode_attention import (BlockSizes, decode_attention,
-                                             decode_attention_reference, kv_bytes, live_length)
+from jt5.pallas_kernels.decode_attention import (BlockSizes, decode_attention,
+                                                 decode_attention_reference, kv_bytes, live_length)
 from tests.conftest import assert_close
 
 N = 3

@@ -12,8 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels.flash_attention import BlockSizes, flash_attention
-from pallas_kernels.reference import attention_reference
+from jt5.pallas_kernels.flash_attention import BlockSizes, flash_attention
+from jt5.pallas_kernels.reference import attention_reference
 from tests.conftest import assert_close
 
 N = 2

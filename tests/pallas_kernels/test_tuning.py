@@ -8,8 +8,8 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from pallas_kernels import tuning
-from pallas_kernels.flash_attention import BlockSizes
+from jt5.pallas_kernels import tuning
+from jt5.pallas_kernels.flash_attention import BlockSizes
 
 H100 = "NVIDIA H100 80GB HBM3"
 

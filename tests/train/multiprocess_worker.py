@@ -14,8 +14,8 @@ os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
 
 import jax  # noqa: E402
 
-from train import loop  # noqa: E402
-from train import step as step_lib  # noqa: E402
+from jt5.train import loop  # noqa: E402
+from jt5.train import step as step_lib  # noqa: E402
 
 
 def main():

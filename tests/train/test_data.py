@@ -4,9 +4,9 @@ import json
 import numpy as np
 import pytest
 
-from train import corpus
-from train.data import FEATURES, DataConfig, Pipeline, batch_stats, build_token_store, special_ids
-from train.ul2 import MIXTURES, UL2_MIXTURE
+from jt5.train import corpus
+from jt5.train.data import FEATURES, DataConfig, Pipeline, batch_stats, build_token_store, special_ids
+from jt5.train.ul2 import MIXTURES, UL2_MIXTURE
 from jt5.tokenizer import ByteTokenizer
 
 WORDS = ("alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho "

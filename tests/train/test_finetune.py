@@ -12,9 +12,9 @@ from jt5.tokenizer import load_tokenizer
 from tests.conftest import assert_close
 from tests.train.test_loop import reproducible
 from tests.train.test_step import micro_config
-from train import finetune, runner
-from train import step as step_lib
-from train.pairs import PairData, PairsConfig, read_records
+from jt5.train import finetune, runner
+from jt5.train import step as step_lib
+from jt5.train.pairs import PairData, PairsConfig, read_records
 
 BYTE = load_tokenizer("byte")
 

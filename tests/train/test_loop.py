@@ -22,9 +22,9 @@ import pytest
 
 from tests.conftest import assert_close
 from tests.train.test_step import micro_config
-from train import checkpoint as ckpt_lib
-from train import loop
-from train import step as step_lib
+from jt5.train import checkpoint as ckpt_lib
+from jt5.train import loop
+from jt5.train import step as step_lib
 
 REPO = Path(__file__).resolve().parents[2]
 STEPS = 6
@@ -170,7 +170,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
         loop.run(loop_config(out))
     assert ckpt_lib.complete_steps(out / "checkpoints") == [2]
     assert [line["step"] for line in loop.read_metrics(out)] == [1, 2]
-    from bridge.hf import model_params
+    from jt5.bridge.hf import model_params
     params = model_params(ckpt_lib.load_model_from_run(out))
     assert all(np.isfinite(w).all() for w in params.values())
 
@@ -210,7 +210,7 @@ def test_export_loads_in_transformers_with_the_same_logits(reference_run, tmp_pa
 
     from jt5 import cli  # jt5 convert reads a run directory through load_model_from_run
     assert cli.main(["convert", str(ref_out), str(tmp_path / "conv")]) == 0
-    from bridge import hf
+    from jt5.bridge import hf
     a = hf.StateDict(tmp_path / "conv")
     b = hf.StateDict(hf_dir)
     assert sorted(a) == sorted(b)
@@ -252,7 +252,7 @@ def test_cli_continues_from_the_exported_directory_on_a_2x2x2_mesh(reference_run
     assert [line["step"] for line in lines] == [1, 2]
     # step 1's loss is the exported weights' loss on batch 0 (computed here on one device)
     from flax import nnx
-    from train.data import Pipeline
+    from jt5.train.data import Pipeline
     model = ckpt_lib.load_model_from_run(ref_out, attention="xla")
     graphdef, state = nnx.split(model)
     batch = Pipeline(loop.data_config(loop_config(out))).batch(0)

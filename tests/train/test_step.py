@@ -12,7 +12,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 import jt5
 from jt5 import sharding
 from tests.conftest import assert_close
-from train import step as S
+from jt5.train import step as S
 
 MICRO = dict(d_model=32, d_kv=16, num_heads=2, d_ff=64, num_layers=1, num_decoder_layers=1,
              attention="xla")

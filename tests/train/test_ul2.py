@@ -4,10 +4,10 @@ import math
 import numpy as np
 import pytest
 
-from train import ul2
-from train.ul2 import (Denoiser, SpecialIds, UL2_MIXTURE, compact, draw_splits, example_lengths,
-                       fit_raw_length, make_examples, noise_counts, noise_span_to_sentinel,
-                       random_segmentation, random_spans_noise_mask)
+from jt5.train import ul2
+from jt5.train.ul2 import (Denoiser, SpecialIds, UL2_MIXTURE, compact, draw_splits, example_lengths,
+                           fit_raw_length, make_examples, noise_counts, noise_span_to_sentinel,
+                           random_segmentation, random_spans_noise_mask)
 
 EOS = 1
 SENTINELS = np.arange(383, 261, -1)            # ByT5 layout: <extra_id_0> = 383, counting down
