@@ -2,6 +2,7 @@
 jt5.train and jt5.pallas_kernels, so a user's own bridge.py / train.py / pallas_kernels.py beside
 their script neither shadows jt5's code nor is shadowed by it."""
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -58,8 +59,14 @@ def test_the_folders_refuse_a_second_top_level_identity(name):
 
 def test_the_wheel_installs_everything_under_jt5(tmp_path):
     pytest.importorskip("setuptools")
+    src = tmp_path / "src"  # a copy: building writes build/ and *.egg-info beside pyproject
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, src / name)
+    for name in ("jt5",) + PACKAGES:
+        shutil.copytree(ROOT / name, src / name, ignore=shutil.ignore_patterns("__pycache__"))
     r = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
-                        "-q", "-w", str(tmp_path), str(ROOT)], capture_output=True, text=True,
+                        "-q", "-w", str(tmp_path), str(src)], capture_output=True, text=True,
                        timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
     (wheel,) = tmp_path.glob("jt5-*.whl")
