@@ -19,6 +19,7 @@ also under ``attention="pallas"``.
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -108,6 +109,120 @@ def make_global_plan(config: T5Config, mask: ops.Mask, length: int, local_bias: 
     side_mask = (is_token[:, :, None] & valid[:, None, :])[:, None]  # [B, 1, S, G]
     full = jnp.concatenate([jnp.broadcast_to(loc_mask, (B, 1, S, S)), side_mask], axis=-1)
     return GlobalPlan(block_onehot=onehot, bias=bias, mask=full)
+
+
+# -- transient-global on checkpoints trained without it (T5, Flan-T5, mT5, LongT5-local) ------
+# TurboT5's idea: run a model trained with full attention with LongT5's encoder attention. Only
+# two kinds of parameters are missing, and both are initialised from what the model has:
+#
+# * the global bias table (``global_relpos``): side key ``j`` seen from a query of block ``i``
+#   is a sum over block ``j``, whose centre lies ``d * g`` tokens from the query block's centre
+#   (``d = j - i``, ``g = global_block_size``). So bucket ``b`` of block distances gets the
+#   local table's row for token distance ``rep(b) * g``, ``rep(b)`` the bucket's representative
+#   block distance: the distance itself for exact buckets, the rounded geometric mean of the
+#   bucket's distances (capped at ``max_distance``) for logarithmic ones (``global_bucket_rows``).
+# * the global norm's scale (``global_norm``): the side key's input is the RMS-normalised SUM of
+#   the block's normed tokens, i.e. unit RMS, while the layer's own keys see ``x / rms(x) * s``
+#   (``s``: the pre-attention norm's scale), of RMS ~``rms(s)``. ``rms(s)`` on every channel
+#   gives side inputs the magnitude of ordinary ones without weighting their channels by ``s``
+#   a second time (``s`` itself would apply it twice; ones would leave them ``1 / rms(s)`` too
+#   large or small). Measured against both in benchmarks/long_input.py (RESULTS.md).
+GLOBAL_NORM_INITS = ("rms", "scale", "ones")
+_ENCODER_FIELDS = ("encoder_attention_type", "local_radius", "global_block_size")
+
+
+def global_bucket_rows(*, num_buckets: int, max_distance: int, global_block_size: int):
+    """``[K]`` int32: the local table's row that global bucket ``b`` starts from (see above).
+
+    Buckets no block distance reaches keep their own row."""
+    kw = dict(bidirectional=True, num_buckets=num_buckets, max_distance=max_distance)
+    d = np.arange(-max_distance, max_distance + 1, dtype=np.int32)
+    buckets = np.asarray(reference.relative_position_bucket(d, **kw))
+    rep = np.arange(num_buckets, dtype=np.int64)  # placeholder for unreached buckets
+    reached = np.zeros(num_buckets, bool)
+    for b in range(num_buckets):
+        ds = d[buckets == b]
+        if not ds.size:
+            continue
+        lo, hi = int(np.abs(ds).min()), int(np.abs(ds).max())
+        sign = 1 if ds[0] > 0 else -1
+        rep[b] = sign * (lo if lo == hi else int(round(math.sqrt(lo * hi))))
+        reached[b] = True
+    rows = np.asarray(reference.relative_position_bucket(
+        np.asarray(rep * global_block_size, np.int32), **kw))
+    return np.where(reached, rows, np.arange(num_buckets)).astype(np.int32)
+
+
+def global_table_from_local(table, *, max_distance: int, global_block_size: int):
+    """``[K, N]`` global bias table from a stack's ``[K, N]`` bidirectional relative table."""
+    rows = global_bucket_rows(num_buckets=table.shape[0], max_distance=max_distance,
+                              global_block_size=global_block_size)
+    return jnp.take(table, jnp.asarray(rows), axis=0)
+
+
+def global_norm_scale_from(scale, how: str = "rms"):
+    """The global norm's ``[D]`` scale from the layer's pre-attention norm scale ``[D]``."""
+    if how == "rms":
+        rms = jnp.sqrt(jnp.mean(jnp.square(scale.astype(jnp.float32))))
+        return jnp.broadcast_to(rms, scale.shape).astype(scale.dtype)
+    if how == "scale":
+        return scale
+    if how == "ones":
+        return jnp.ones_like(scale)
+    raise ValueError(f"global norm init {how!r} must be one of {GLOBAL_NORM_INITS}")
+
+
+def to_transient_global(model, *, global_norm_init: str = "rms", **encoder_fields):
+    """``model`` with transient-global encoder attention (``encoder_fields``: ``local_radius``,
+    ``global_block_size``); parameters it lacks are initialised from its own (see above),
+    all others are the same arrays (nothing is copied). A transient-global model just takes the
+    new fields."""
+    from jt5.model import abstract_model  # jt5.model imports this module
+
+    cfg = model.config
+    new = cfg.replace(**{**encoder_fields, "encoder_attention_type": "transient-global"})
+    if new == cfg:
+        return model
+    old = dict(nnx.to_flat_state(nnx.state(model)))
+    graphdef, abstract = nnx.split(abstract_model(new, type(model)))
+    flat = dict(nnx.to_flat_state(abstract))
+
+    def derived(path):
+        if path == ("encoder", "global_relpos", "table"):
+            src = old[("encoder", "relpos", "table")].get_value()
+            return global_table_from_local(src, max_distance=new.relative_attention_max_distance,
+                                           global_block_size=new.global_block_size), src
+        if path[:2] == ("encoder", "layers") and path[3:] == ("self_attn", "global_norm", "scale"):
+            src = old[path[:3] + ("self_attn_norm", "scale")].get_value()
+            return global_norm_scale_from(src, global_norm_init), src
+        raise ValueError(f"{path}: transient-global has no initialisation for it")
+
+    for path, var in flat.items():
+        if path in old:
+            var.set_value(old[path].get_value())
+        else:
+            value, like = derived(path)
+            sharding = getattr(like, "sharding", None)
+            var.set_value(value if sharding is None else jax.device_put(value, sharding))
+    out = nnx.merge(graphdef, nnx.from_flat_state(flat))
+    if hasattr(model, "generation_config"):
+        out.generation_config = model.generation_config
+    return out
+
+
+def accepts_transient_global(load):
+    """Decorate a loader ``load(..., **config_overrides) -> model``: with
+    ``encoder_attention_type="transient-global"`` it loads the checkpoint as stored and converts
+    it (``to_transient_global``), so checkpoints without LongT5's global parameters load too."""
+    @functools.wraps(load)
+    def wrapped(*args, **kw):
+        if kw.get("encoder_attention_type") != "transient-global":
+            return load(*args, **kw)
+        fields = {k: kw.pop(k) for k in _ENCODER_FIELDS if k in kw}
+        init = kw.pop("global_norm_init", "rms")
+        fields = {k: v for k, v in fields.items() if v is not None}
+        return to_transient_global(load(*args, **kw), global_norm_init=init, **fields)
+    return wrapped
 
 
 class TransientGlobalSelfAttention(_Attention):

@@ -175,6 +175,7 @@ class T5EncoderModel(nnx.Module):
                             deterministic)
 
     @classmethod
+    @longt5.accepts_transient_global  # transient-global on any T5 checkpoint too
     def from_pretrained(cls, path, *, dtype: str | None = None, attention: str | None = None,
                         **config_overrides):
         from jt5.bridge.hf import load_pretrained
@@ -287,6 +288,7 @@ class T5ForConditionalGeneration(nnx.Module):
 
     # -- I/O and generation -------------------------------------------------------------------
     @classmethod
+    @longt5.accepts_transient_global  # transient-global on any T5 checkpoint too
     def from_pretrained(cls, path, *, dtype: str | None = None, attention: str | None = None,
                         **config_overrides):
         """Load a transformers directory (config.json + safetensors / pytorch_model.bin)."""

@@ -235,9 +235,104 @@ def test_global_tokens_reach_across_the_window():
         assert np.abs(a[0, 0] - b[0, 0]).max() > 1e-6 if g else (a[0, :30] == b[0, :30]).all()
 
 
-def test_transient_global_is_refused_on_t5_checkpoints(tmp_path):
-    hf_models.build("t5-v1_1", tmp_path)
-    with pytest.raises(ValueError, match="transient-global.*only LongT5 checkpoints"):
+def _t5_as_longt5_tglobal(t5_dir, out_dir, model, *, local_radius, global_block_size):
+    """transformers' LongT5-tglobal directory holding ``t5_dir``'s weights plus ``model``'s
+    (jt5's) global bias table and global norm scales."""
+    sd = load_file(str(t5_dir / "model.safetensors"))
+    attn = "TransientGlobalSelfAttention"
+    sd = {k.replace("layer.0.SelfAttention", f"layer.0.{attn}")
+          if k.startswith("encoder.") else k: v for k, v in sd.items()}
+    enc = model.encoder
+    sd[f"encoder.block.0.layer.0.{attn}.global_relative_attention_bias.weight"] = np.asarray(
+        enc.global_relpos.table[...])
+    for i, layer in enumerate(enc.layers):
+        sd[f"encoder.block.{i}.layer.0.{attn}.global_input_layer_norm.weight"] = np.asarray(
+            layer.self_attn.global_norm.scale[...])
+    raw = json.loads((t5_dir / "config.json").read_text())
+    raw.update(model_type="longt5", architectures=["LongT5ForConditionalGeneration"],
+               encoder_attention_type="transient-global", local_radius=local_radius,
+               global_block_size=global_block_size)
+    out_dir.mkdir()
+    save_file(sd, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+    (out_dir / "config.json").write_text(json.dumps(raw))
+    _, Model, _ = hf_models.hf_classes("longt5")
+    return Model.from_pretrained(out_dir).eval()
+
+
+@pytest.mark.parametrize("radius,block", [(4, 4), (6, 3)])
+def test_t5_checkpoint_with_transient_global_equals_longt5_tglobal(tmp_path, radius, block):
+    """A T5 checkpoint loaded with ``encoder_attention_type="transient-global"`` is exactly
+    transformers' LongT5-tglobal holding the same weights and the global table / norms jt5
+    initialised; those come from the checkpoint's own table and norms (global_bucket_rows)."""
+    hf_models.build("t5-v1_1", tmp_path / "t5")
+    model = jt5.T5ForConditionalGeneration.from_pretrained(
+        tmp_path / "t5", attention="xla", encoder_attention_type="transient-global",
+        local_radius=radius, global_block_size=block)
+    c = model.config
+    assert (c.model_type, c.encoder_attention_type, c.local_radius, c.global_block_size) == (
+        "t5", "transient-global", radius, block)
+    hf = _t5_as_longt5_tglobal(tmp_path / "t5", tmp_path / "lt5", model, local_radius=radius,
+                               global_block_size=block)
+    ids, mask, dec = hf_models.inputs(hf.config.vocab_size)
+    ref = hf_models.hf_reference_logits(hf, "t5-v1_1", ids, mask, dec)
+    args = (jnp.asarray(ids), jnp.asarray(dec), jnp.asarray(mask))
+    out = _forward(model, *args)
+    assert_close(out, ref, dtype="float32", check="logits", what="T5 + tglobal = LongT5-tglobal")
+    full = jt5.T5ForConditionalGeneration.from_pretrained(tmp_path / "t5", attention="xla")
+    assert not np.allclose(np.asarray(out), np.asarray(_forward(full, *args)), atol=1e-3)
+    # every other parameter is the checkpoint's, unchanged
+    mine = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
+    for p, v in nnx.to_flat_state(nnx.state(full, nnx.Param)):
+        np.testing.assert_array_equal(np.asarray(mine[p].get_value()), np.asarray(v.get_value()))
+    # the initialisation, against transformers' bucket rule
+    _check_global_init(full, model, block)
+
+
+def _check_global_init(full, model, block):
+    import torch
+    from transformers.models.longt5.modeling_longt5 import LongT5Attention
+
+    c = model.config
+    K, M = c.relative_attention_num_buckets, c.relative_attention_max_distance
+
+    def bucket(d):
+        return LongT5Attention._relative_position_bucket(
+            torch.as_tensor(np.asarray(d)), bidirectional=True, num_buckets=K,
+            max_distance=M).numpy()
+
+    table = np.asarray(full.encoder.relpos.table[...])
+    glob = np.asarray(model.encoder.global_relpos.table[...])
+    rows = longt5.global_bucket_rows(num_buckets=K, max_distance=M, global_block_size=block)
+    d = np.arange(-3 * M, 3 * M + 1)
+    for b in np.unique(bucket(d)):
+        ds = d[bucket(d) == b]
+        if ds.size == 1:  # an exact bucket: the token distance d * g itself
+            np.testing.assert_array_equal(glob[b], table[bucket(ds[0] * block)])
+        else:  # a log bucket: the row of a block distance the bucket holds, times g
+            assert rows[b] in set(bucket(ds * block).tolist()), (b, rows[b])
+            np.testing.assert_array_equal(glob[b], table[rows[b]])
+    for lf, lt in zip(full.encoder.layers, model.encoder.layers):
+        s = np.asarray(lf.self_attn_norm.scale[...], np.float64)
+        np.testing.assert_allclose(np.asarray(lt.self_attn.global_norm.scale[...]),
+                                   np.sqrt(np.mean(s**2)), rtol=1e-6)
+
+
+def test_transient_global_conversion_keeps_a_tglobal_checkpoint(tmp_path):
+    """A LongT5-tglobal checkpoint keeps its trained global parameters under the override."""
+    hf_models.build("longt5-tglobal", tmp_path)
+    stored = jt5.T5ForConditionalGeneration.from_pretrained(tmp_path, attention="xla")
+    again = jt5.T5ForConditionalGeneration.from_pretrained(
+        tmp_path, attention="xla", encoder_attention_type="transient-global", local_radius=3)
+    assert again.config == stored.config.replace(local_radius=3)
+    for a, b in zip(nnx.to_flat_state(nnx.state(stored, nnx.Param)),
+                    nnx.to_flat_state(nnx.state(again, nnx.Param))):
+        assert a[0] == b[0]
+        np.testing.assert_array_equal(np.asarray(a[1].get_value()), np.asarray(b[1].get_value()))
+
+
+def test_transient_global_is_refused_with_per_layer_bias(tmp_path):
+    hf_models.build("umt5", tmp_path)
+    with pytest.raises(ValueError, match="transient-global.*one shared relative bias table"):
         jt5.T5ForConditionalGeneration.from_pretrained(tmp_path, attention="xla",
                                                        encoder_attention_type="transient-global")
     with pytest.raises(ValueError, match="num_global_tokens=2 applies to .*'local' only"):
