@@ -33,21 +33,13 @@ def is_native_dir(path) -> bool:
     return (Path(path) / CONFIG_NAME).is_file() and (Path(path) / "params").is_dir()
 
 
-def _model_class(name: str):
-    from jt5.model import T5EncoderModel, T5ForConditionalGeneration
-    classes = {c.__name__: c for c in (T5ForConditionalGeneration, T5EncoderModel)}
-    if name not in classes:
-        raise ValueError(f"unknown model_class {name!r}; expected one of {sorted(classes)}")
-    return classes[name]
-
-
-def save_model(model, path, *, extra_files=None):
-    """Write ``model`` to ``path`` (created; an existing jt5 checkpoint there is replaced).
+def write_checkpoint(path, config: T5Config, model_class: str, params, *, extra_files=None):
+    """Write ``params`` (a pure dict of arrays, ``nnx.to_pure_dict`` of the model's parameters)
+    to ``path`` (created; an existing jt5 checkpoint there is replaced).
 
     ``extra_files``: name -> ``str``/``bytes`` written beside it (the tokenizer files, so the
     checkpoint carries its tokenizer as a transformers directory does)."""
     import orbax.checkpoint as ocp
-    from flax import nnx
 
     from jt5.bridge.hf import default_file_mode
 
@@ -55,7 +47,7 @@ def save_model(model, path, *, extra_files=None):
     path.mkdir(parents=True, exist_ok=True)
     (path / CONFIG_NAME).unlink(missing_ok=True)  # incomplete until the config is back
     ckptr = ocp.StandardCheckpointer()
-    ckptr.save(path / "params", nnx.to_pure_dict(nnx.state(model, nnx.Param)), force=True)
+    ckptr.save(path / "params", params, force=True)
     ckptr.wait_until_finished()
     mode = default_file_mode()
     for name, content in (extra_files or {}).items():
@@ -63,11 +55,18 @@ def save_model(model, path, *, extra_files=None):
         tmp.write_bytes(content.encode("utf-8") if isinstance(content, str) else content)
         os.chmod(tmp, mode)
         os.replace(tmp, path / name)
-    meta = {"format": "jt5", "model_class": type(model).__name__,
-            "config": config_to_dict(model.config)}
+    meta = {"format": "jt5", "model_class": model_class, "config": config_to_dict(config)}
     tmp = path / f".{CONFIG_NAME}.tmp"
     tmp.write_text(json.dumps(meta, indent=2) + "\n")
     os.replace(tmp, path / CONFIG_NAME)
+
+
+def read_params(path, targets):
+    """The stored parameters restored into ``targets`` (a pure dict of ShapeDtypeStructs with
+    shardings: orbax reshards onto them)."""
+    import orbax.checkpoint as ocp
+
+    return ocp.StandardCheckpointer().restore(Path(path).absolute() / "params", targets)
 
 
 def read_meta(path) -> tuple[T5Config, str]:
@@ -80,27 +79,3 @@ def read_meta(path) -> tuple[T5Config, str]:
         raise ValueError(f"{f}: invalid JSON ({e})") from e
     return config_from_dict(meta["config"], str(f)), meta.get("model_class",
                                                               "T5ForConditionalGeneration")
-
-
-def load_model(path, cls=None, *, shardings=None, **config_overrides):
-    """Restore a jt5 checkpoint. ``shardings``: ``abstract_state -> shardings`` (a mesh layout)."""
-    import jax
-    import orbax.checkpoint as ocp
-    from flax import nnx
-
-    from jt5.model import abstract_model
-
-    config, class_name = read_meta(path)
-    config = config.replace(**config_overrides)
-    cls = cls or _model_class(class_name)
-    graphdef, abstract = nnx.split(abstract_model(config, cls))
-    pure = nnx.to_pure_dict(abstract)  # ShapeDtypeStructs
-    if shardings is not None:
-        placed = shardings(abstract)
-        placed = nnx.to_pure_dict(placed) if isinstance(placed, nnx.State) else placed
-        pure = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                            pure, placed)
-    restored = ocp.StandardCheckpointer().restore(Path(path).absolute() / "params", pure)
-    restored = jax.tree.map(lambda a, t: a.astype(t.dtype), restored, pure)
-    nnx.replace_by_pure_dict(abstract, restored)
-    return nnx.merge(graphdef, abstract)

@@ -78,8 +78,8 @@ def _add_convert(p: argparse.ArgumentParser):
 
 
 def _run_convert(args) -> int:
-    from jt5.bridge import hf, native
-    from jt5 import formats
+    from jt5 import formats, weights
+    from jt5.bridge import hf
     from jt5.model import T5EncoderModel, T5ForConditionalGeneration
     from jt5.tokenizer import tokenizer_files
 
@@ -98,10 +98,10 @@ def _run_convert(args) -> int:
     files = tokenizer_files(src.tokenizer) if src.tokenizer else {}
     to = args.to or ("jt5" if src.kind == "hf" else "hf")
     if to == "hf":
-        hf.save_pretrained(model, args.dst, max_shard_size=args.max_shard_size, progress=True,
-                           extra_files=files)
+        weights.save_hf(model, args.dst, max_shard_size=args.max_shard_size, progress=True,
+                        extra_files=files)
     else:
-        native.save_model(model, args.dst, extra_files=files)
+        weights.save_native(model, args.dst, extra_files=files)
     carried = f" with tokenizer files ({', '.join(sorted(files))})" if files else (
         " (no tokenizer files found at the source)")
     print(f"wrote {to} checkpoint of {type(model).__name__} to {args.dst}{carried}")

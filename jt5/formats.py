@@ -96,24 +96,24 @@ def load(path, cls=None, *, dtype: Optional[str] = None, param_dtype: Optional[s
     (as ``from_pretrained`` does); ``None`` keeps what is stored. ``shardings``: optional
     ``abstract_state -> shardings`` placing parameters on a mesh. ``config_overrides``: other
     T5Config fields (``remat``, ``dropout_rate``, ...)."""
-    from jt5.model import T5ForConditionalGeneration
+    from jt5 import weights
+    from jt5.model import T5EncoderModel, T5ForConditionalGeneration
 
     src = locate(path)
-    overrides = {k: v for k, v in config_overrides.items() if v is not None}
+    overrides = dict(config_overrides, dtype=dtype, param_dtype=param_dtype, attention=attention)
     if src.kind == "hf":
-        from jt5.bridge import hf
-        return hf.load_pretrained(src.path, cls or T5ForConditionalGeneration, dtype=dtype,
-                                  param_dtype=param_dtype, attention=attention,
-                                  shardings=shardings, progress=progress, **overrides)
-    if dtype is not None:
-        overrides.update(dtype=dtype, param_dtype=param_dtype or dtype)
-    elif param_dtype is not None:
-        overrides["param_dtype"] = param_dtype
-    if attention is not None:
-        overrides["attention"] = attention
-    if src.kind == "jt5":  # cls None: the class the checkpoint was saved as
-        from jt5.bridge import native
-        return native.load_model(src.path, cls, shardings=shardings, **overrides)
+        return weights.load_hf(src.path, cls or T5ForConditionalGeneration, shardings=shardings,
+                               progress=progress, **overrides)
+    if src.kind == "jt5":
+        if cls is None:  # the class the checkpoint was saved as
+            classes = {c.__name__: c for c in (T5ForConditionalGeneration, T5EncoderModel)}
+            from jt5.bridge import native
+            name = native.read_meta(src.path)[1]
+            if name not in classes:
+                raise ValueError(f"{src.path}: unknown model_class {name!r}; expected one of "
+                                 f"{sorted(classes)}")
+            cls = classes[name]
+        return weights.load_native(src.path, cls, shardings=shardings, **overrides)
     from jt5.train.checkpoint import load_model_from_run
     return load_model_from_run(src.path, cls or T5ForConditionalGeneration, shardings=shardings,
                                **overrides)

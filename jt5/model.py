@@ -11,7 +11,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jt5 import attention_ops as ops
-from jt5 import longt5
+from jt5 import longt5, weights
 from jt5.attention import KV, CrossAttention, DecoderSelfAttention, EncoderSelfAttention
 from jt5.cache import Cache, empty_self_kv
 from jt5.config import T5Config
@@ -162,6 +162,7 @@ def _encoder_mask(input_ids, attention_mask, segment_ids) -> ops.Mask:
 
 class T5EncoderModel(nnx.Module):
     """The encoder alone: ``model(input_ids, attention_mask) -> [B, S, D]`` hidden states."""
+    encoder_only = True  # reads and writes the encoder's weights only
 
     def __init__(self, config: T5Config, *, rngs: nnx.Rngs):
         self.config = config
@@ -178,12 +179,10 @@ class T5EncoderModel(nnx.Module):
     @longt5.accepts_transient_global  # transient-global on any T5 checkpoint too
     def from_pretrained(cls, path, *, dtype: str | None = None, attention: str | None = None,
                         **config_overrides):
-        from jt5.bridge.hf import load_pretrained
-        return load_pretrained(path, cls, dtype=dtype, attention=attention, **config_overrides)
+        return weights.load_hf(path, cls, dtype=dtype, attention=attention, **config_overrides)
 
     def save_pretrained(self, path):
-        from jt5.bridge.hf import save_pretrained
-        save_pretrained(self, path)
+        weights.save_hf(self, path)
 
 
 class T5ForConditionalGeneration(nnx.Module):
@@ -292,13 +291,11 @@ class T5ForConditionalGeneration(nnx.Module):
     def from_pretrained(cls, path, *, dtype: str | None = None, attention: str | None = None,
                         **config_overrides):
         """Load a transformers directory (config.json + safetensors / pytorch_model.bin)."""
-        from jt5.bridge.hf import load_pretrained
-        return load_pretrained(path, cls, dtype=dtype, attention=attention, **config_overrides)
+        return weights.load_hf(path, cls, dtype=dtype, attention=attention, **config_overrides)
 
     def save_pretrained(self, path):
         """Write a directory that transformers' ``from_pretrained`` loads as is."""
-        from jt5.bridge.hf import save_pretrained
-        save_pretrained(self, path)
+        weights.save_hf(self, path)
 
     def generate(self, input_ids, attention_mask=None, generation_config=None, **kwargs):
         """Greedy / sampling / beam search in one compiled loop (see ``jt5.generate``);
@@ -314,4 +311,4 @@ def init_model(config: T5Config, cls=T5ForConditionalGeneration, seed: int = 0):
 
 def abstract_model(config: T5Config, cls=T5ForConditionalGeneration):
     """The model's structure with ShapeDtypeStructs instead of arrays (no memory allocated)."""
-    return nnx.eval_shape(lambda: cls(config, rngs=nnx.Rngs(0)))
+    return weights.abstract_model(config, cls)

@@ -94,7 +94,7 @@ def test_sharded_safetensors_and_pytorch_bin(tmp_path):
     hf = hf_models.build("t5-v1_1", tmp_path / "single")
     model = jt5.T5ForConditionalGeneration.from_pretrained(tmp_path / "single", attention="xla")
     bridge_hf = sys.modules["jt5.bridge.hf"]
-    sd, cfg = jt5_to_hf(model.config, bridge_hf.model_params(model))
+    sd, cfg = jt5_to_hf(model.config, jt5.weights.model_params(model))
     bridge_hf.write_hf_dir(tmp_path / "sharded", sd, cfg, max_shard_size="20KB")
     shards = sorted(p.name for p in (tmp_path / "sharded").glob("model-*-of-*.safetensors"))
     assert len(shards) > 2 and (tmp_path / "sharded" / "model.safetensors.index.json").exists()
@@ -274,7 +274,7 @@ def test_untied_tied_copy_mismatch(good_dir):
 def test_core_import_without_torch():
     """``import jt5`` (model, config, bridge conversion) works where torch cannot be imported."""
     code = ("import sys; sys.modules['torch'] = None; sys.modules['transformers'] = None\n"
-            "import jt5, bridge, jax.numpy as jnp\n"
+            "import jt5, jt5.bridge, jt5.weights, jax.numpy as jnp\n"
             "m = jt5.init_model(jt5.preset('tiny', attention='xla'))\n"
             "print(m(jnp.ones((1, 4), 'int32'), jnp.ones((1, 3), 'int32')).shape)\n")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,

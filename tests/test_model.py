@@ -121,16 +121,15 @@ def test_mesh_spec_errors():
 
 def test_cli_convert_round_trip(tmp_path):
     """jt5 -> orbax -> HF -> jt5 keeps every parameter; the CLI prints what it wrote."""
-    from jt5.bridge import hf, native
-    from jt5 import cli
+    from jt5 import cli, weights
 
     cfg = jt5.preset("tiny", attention="xla")
     model = jt5.init_model(cfg, seed=3)
-    native.save_model(model, tmp_path / "a")
+    weights.save_native(model, tmp_path / "a")
     assert cli.main(["convert", str(tmp_path / "a"), str(tmp_path / "hf")]) == 0
     assert cli.main(["convert", str(tmp_path / "hf"), str(tmp_path / "b"), "--dtype", "bfloat16"]) == 0
-    back = native.load_model(tmp_path / "b")
+    back = jt5.load(tmp_path / "b")
     assert back.config.param_dtype == "bfloat16"
-    want = hf.model_params(model)
-    for p, v in hf.model_params(back).items():
+    want = weights.model_params(model)
+    for p, v in weights.model_params(back).items():
         np.testing.assert_array_equal(v, want[p].astype(v.dtype), err_msg=str(p))

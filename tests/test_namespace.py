@@ -76,3 +76,39 @@ def test_the_wheel_installs_everything_under_jt5(tmp_path):
     for want in ("jt5/bridge/keymap.py", "jt5/train/loop.py", "jt5/pallas_kernels/flash_attention.py",
                  "jt5/pallas_kernels/tuning_table.json"):
         assert want in names, want
+
+
+def _import_graph() -> dict[str, set[str]]:
+    """Module -> the project modules it imports anywhere in its file (lazy imports included)."""
+    import ast
+    files = {}
+    for folder, name in (("jt5", "jt5"),) + tuple((p, f"jt5.{p}") for p in PACKAGES):
+        for f in (ROOT / folder).glob("*.py"):
+            files[name if f.stem == "__init__" else f"{name}.{f.stem}"] = f
+    graph = {}
+    for mod, f in files.items():
+        deps = set()
+        for node in ast.walk(ast.parse(f.read_text())):
+            if isinstance(node, ast.Import):
+                deps |= {a.name for a in node.names if a.name in files}
+            elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                for a in node.names:  # `from jt5 import model` names a module
+                    sub = f"{node.module}.{a.name}"
+                    deps.add(sub if sub in files else node.module)
+        graph[mod] = {d for d in deps if d in files and d != mod}
+    return graph
+
+
+def test_no_import_cycles_between_files():
+    """No file imports (directly or through others) a file that imports it back — lazy,
+    in-function imports included: they are circles all the same, only hidden from Python."""
+    graph = _import_graph()
+    assert graph["jt5.model"] and "jt5.bridge.hf" in graph["jt5.weights"]  # the graph is real
+
+    def reaches(a, b, seen):
+        return any(d == b or (d not in seen and not seen.add(d) and reaches(d, b, seen))
+                   for d in graph[a])
+
+    cycles = sorted(f"{a} -> {b} -> ... -> {a}" for a in graph for b in graph[a]
+                    if not b.endswith(("jt5", "__init__")) and (b == a or reaches(b, a, set())))
+    assert not cycles, "\n".join(cycles)

@@ -97,11 +97,9 @@ class Checkpoints:
                                      item_names=("state", "data"))
 
     def latest_step(self) -> Optional[int]:
-        steps = [s for s in self.all_steps() if is_complete(self.directory / str(s))]
+        steps = [s for s in (self.manager.all_steps() if self.manager is not None else ())
+                 if is_complete(self.directory / str(s))]
         return max(steps) if steps else None
-
-    def all_steps(self) -> list[int]:
-        return sorted(self.manager.all_steps()) if self.manager is not None else []
 
     def save(self, step: int, state, meta: dict) -> None:
         """Start saving ``state`` (a pytree of jax Arrays) and ``meta`` as ``step``; returns once
@@ -166,8 +164,9 @@ def load_model_from_run(run_dir, cls=None, *, step: Optional[int] = None,
     """
     from flax import nnx
 
+    from jt5 import weights
     from jt5.bridge.native import config_from_dict
-    from jt5.model import T5ForConditionalGeneration, abstract_model
+    from jt5.model import T5ForConditionalGeneration
 
     cls = cls or T5ForConditionalGeneration
     directory = checkpoint_dir(run_dir)
@@ -178,25 +177,12 @@ def load_model_from_run(run_dir, cls=None, *, step: Optional[int] = None,
     step_dir = directory / str(step)
     if not is_complete(step_dir):
         raise FileNotFoundError(f"{step_dir}: not a complete checkpoint")
-    meta = read_meta(step_dir)
-    config = config_from_dict(meta["model_config"], str(step_dir / "data")).replace(
-        **{k: v for k, v in config_overrides.items() if v is not None})
-    stored = config_from_dict(meta["model_config"])
-    graphdef, abstract = nnx.split(abstract_model(config, cls))
-    want = nnx.to_pure_dict(abstract)
-    if shardings is not None:
-        placed = shardings(abstract)
-        placed = nnx.to_pure_dict(placed) if isinstance(placed, nnx.State) else placed
-    else:
-        one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-        placed = jax.tree.map(lambda _: one, want)
-    pdt = np.dtype(stored.param_dtype)  # as stored; cast afterwards
-    item = {"params": jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, pdt, sharding=s),
-                                   want, placed)}
-    restored = ocp.PyTreeCheckpointer().restore(
+    stored = config_from_dict(read_meta(step_dir)["model_config"], str(step_dir / "data"))
+    config = weights.config_with(stored, **config_overrides)
+    graphdef, abstract = nnx.split(weights.abstract_model(config, cls))
+    item = {"params": weights.restore_targets(abstract, shardings, np.dtype(stored.param_dtype))}
+    restored = ocp.PyTreeCheckpointer().restore(  # the train state's params only, as stored
         step_dir / "state", args=ocp.args.PyTreeRestore(
             item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
             partial_restore=True))["params"]
-    restored = jax.tree.map(lambda a, t: a.astype(t.dtype), restored, want)
-    nnx.replace_by_pure_dict(abstract, restored)
-    return nnx.merge(graphdef, abstract)
+    return weights.fill(graphdef, abstract, restored)

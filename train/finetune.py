@@ -144,12 +144,12 @@ def _read_best(best_dir: Path) -> Optional[dict]:
 def _keep_if_best(model, tokenizer, best_dir: Path, step: int, loss: float) -> None:
     """Save the parameters to OUT/best when ``loss`` beats the record there (ties keep the older:
     a resumed run recomputing the same step finds its own record and writes nothing)."""
-    from jt5.bridge import native
+    from jt5 import weights
     best = _read_best(best_dir)
     if best is not None and best["eval_loss"] <= loss:
         return
     (best_dir / "best.json").unlink(missing_ok=True)  # no record while the weights are replaced
-    native.save_model(model, best_dir, extra_files=tokenizer_files(tokenizer))
+    weights.save_native(model, best_dir, extra_files=tokenizer_files(tokenizer))
     if jax.process_index() == 0:
         tmp = best_dir / ".best.json.tmp"
         tmp.write_text(json.dumps({"step": step, "eval_loss": loss}) + "\n")

@@ -433,10 +433,11 @@ class Trainer:
 def export_hf(model, tokenizer, out: Path) -> Optional[Path]:
     """Write ``OUT/hf`` with tokenizer files (all processes gather, process 0 writes); returns
     the directory on process 0, None elsewhere."""
+    from jt5 import weights
     from jt5.bridge import hf
     from jt5.tokenizer import tokenizer_files
 
-    params = hf.model_params(model)  # a collective on multi-host: every process calls it
+    params = weights.model_params(model)  # a collective on multi-host: every process calls it
     if jax.process_index() != 0:
         return None
     sd, hf_cfg = hf.jt5_to_hf(model.config, params)

@@ -170,7 +170,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
         loop.run(loop_config(out))
     assert ckpt_lib.complete_steps(out / "checkpoints") == [2]
     assert [line["step"] for line in loop.read_metrics(out)] == [1, 2]
-    from jt5.bridge.hf import model_params
+    from jt5.weights import model_params
     params = model_params(ckpt_lib.load_model_from_run(out))
     assert all(np.isfinite(w).all() for w in params.values())
 

@@ -186,17 +186,31 @@ def test_compact_fast_and_ragged_paths_agree():
                 assert not out[b, :offs[b]].any() and not out[b, offs[b] + counts[b]:].any()
 
 
-def test_default_mixture_numbers():
-    probs = ul2.mixture_probs(UL2_MIXTURE)
-    assert abs(probs.sum() - 1) < 1e-12
-    by = {(d.kind, d.mean_span, d.rate) if d.kind != "S" else ("S",): p for d, p in zip(UL2_MIXTURE, probs)}
-    assert by[("S",)] == pytest.approx(0.2)
-    assert set(by) == {("R", 3.0, 0.15), ("R", 8.0, 0.15), ("X", 3.0, 0.5), ("X", 8.0, 0.5),
-                       ("X", 64.0, 0.15), ("X", 64.0, 0.5), ("S",)}
-    assert all(p == pytest.approx(2 / 15) for k, p in by.items() if k != ("S",))
-    assert {d.mode for d in UL2_MIXTURE} == {"[R]", "[S]", "[X]"}
-    assert ul2.resolve_mixture("t5") == ul2.T5_MIXTURE and ul2.T5_MIXTURE[0].mode is None
-    with pytest.raises(KeyError):
-        ul2.resolve_mixture("nope")
-    with pytest.raises(ValueError):
-        Denoiser("R", 3.0, 1.5)
+def test_default_mixture_realises_each_denoiser():
+    """What the default mixture's examples really contain, measured on the examples: the mode
+    token of each denoiser kind in proportion to its probability, and per span-corruption
+    denoiser a realised noise density within 0.01 of its r and mean span within 10% of its μ
+    (counted from the targets: noise tokens / sentinels). A swapped μ/r, a mode token on the
+    wrong kind or weights that do not reach the sampler fail here."""
+    rng = np.random.default_rng(5)
+    L_in, L_tgt, E = 1024, 1024, 3000
+    which = rng.choice(len(UL2_MIXTURE), size=E, p=ul2.mixture_probs(UL2_MIXTURE))
+    raw = np.array([fit_raw_length(d, L_in, L_tgt, len(SENTINELS), 1) for d in UL2_MIXTURE])
+    lengths = raw[which]  # each denoiser's longest chunk (the sentinels bound the spans)
+    chunks = rng.integers(3, 259, size=(E, int(lengths.max())))
+    ex = make_examples(chunks, lengths, which, UL2_MIXTURE, SPECIALS, L_in, L_tgt, rng)
+    modes = ex.inputs[:, 0]
+    for name, mode_id in MODES.items():
+        p = sum(q for d, q in zip(UL2_MIXTURE, ul2.mixture_probs(UL2_MIXTURE)) if d.mode == name)
+        share = np.mean(modes == mode_id)
+        assert abs(share - p) < 4 * math.sqrt(p * (1 - p) / E), (name, share, p)
+    for i, d in enumerate(UL2_MIXTURE):
+        rows = np.flatnonzero(ex.denoiser == i)
+        assert (which[rows] == i).all() and len(rows) > 100
+        if d.kind == "S":
+            continue
+        tgt = ex.targets[rows]
+        spans = np.isin(tgt, SENTINELS).sum()
+        noise = (ex.targets_lengths[rows] - 1).sum() - spans
+        assert abs(noise / lengths[rows].sum() - d.rate) < 0.01, (d, noise / lengths[rows].sum())
+        assert abs(noise / spans / d.mean_span - 1) < 0.1, (d, noise / spans)
