@@ -26,9 +26,8 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jt5.sharding import constrain
+from jt5.train import OPTIMIZERS, SCHEDULES
 
-OPTIMIZERS = ("adamw", "adafactor")
-SCHEDULES = ("cosine", "linear", "rsqrt", "constant")
 DEFAULT_LR = {"adamw": 3e-3, "adafactor": 1e-2}  # tuned on the small default model
 
 
