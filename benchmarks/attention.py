@@ -37,6 +37,7 @@ import numpy as np  # noqa: E402
 
 from jt5.pallas_kernels.flash_attention import flash_attention  # noqa: E402
 from jt5.pallas_kernels.reference import attention_reference, dense_bias  # noqa: E402
+from jt5.pallas_kernels.spec import Mask, RelativeBias  # noqa: E402
 from jt5.pallas_kernels.tuning import median_time  # noqa: E402
 
 # Dense bf16 tensor-core peaks (vendor datasheets, SXM parts), for the FLOP floor only.
@@ -61,16 +62,17 @@ def make_impls(*, causal: bool, on_gpu: bool):
     bidir = not causal
     interpret = not on_gpu
 
+    mask = Mask(causal=causal)
+
     def jt5(q, k, v, table):
-        return flash_attention(q, k, v, table, causal=causal, bidirectional=bidir,
-                               interpret=interpret)
+        return flash_attention(q, k, v, mask, RelativeBias(table, bidir), interpret=interpret)
 
     def xla_ref(q, k, v, table):
-        return attention_reference(q, k, v, table, causal=causal, bidirectional=bidir)
+        return attention_reference(q, k, v, mask, RelativeBias(table, bidir))
 
     def dpa(impl, q, k, v, table):
-        bias = dense_bias(table, q_len=q.shape[1], kv_len=k.shape[1], bidirectional=bidir,
-                          max_distance=128).astype(q.dtype)
+        bias = dense_bias(RelativeBias(table, bidir), q_len=q.shape[1],
+                          kv_len=k.shape[1]).astype(q.dtype)
         return jax.nn.dot_product_attention(q, k, v, bias=bias, scale=1.0, is_causal=causal,
                                             implementation=impl)
 

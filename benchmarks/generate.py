@@ -191,6 +191,7 @@ def bench_one(hf, model, *, batch, beams, input_len, new_tokens, repeats, torch_
 def bench_kernel(model, *, batch, beams, input_len, new_tokens, repeats=20):
     """GPU only: the decode kernel alone on the last step's shapes; achieved bandwidth."""
     from jt5.pallas_kernels.decode_attention import decode_attention, kv_bytes, live_length
+    from jt5.pallas_kernels.spec import Mask, RelativeBias
     cfg = model.config
     rows, N, H = batch * beams, cfg.num_heads, cfg.d_kv
     dt = jnp.dtype(cfg.dtype)
@@ -204,7 +205,7 @@ def bench_kernel(model, *, batch, beams, input_len, new_tokens, repeats=20):
         table = jnp.zeros((cfg.relative_attention_num_buckets, N), jnp.float32)
         pos = jnp.int32(new_tokens - 1)
         fn = jax.jit(lambda q, k, v, t, p, causal=causal: decode_attention(
-            q, k, v, t if causal else None, q_offset=p, causal=causal, bidirectional=False))
+            q, k, v, Mask(causal=causal), RelativeBias(t, False) if causal else None, q_offset=p))
         jax.block_until_ready(fn(q, k, v, table, pos))
         t = _median_time(lambda: jax.block_until_ready(fn(q, k, v, table, pos)), repeats)
         live = live_length(S, causal=causal, q_pos=new_tokens - 1)

@@ -9,7 +9,8 @@ key chunks, memory linear in the length, forward and backward). On the Pallas pa
 is ever built: the kernels compute the bias from the ``[K, N]`` table and skip masked blocks
 from segment ids.
 
-Semantics of masks, bias and ``q_offset`` are those of ``pallas_kernels/reference.py``.
+Semantics of masks, bias and ``q_offset`` are those of ``pallas_kernels/spec.py``, whose ``Mask``
+and ``RelativeBias`` this module re-exports; every implementation takes them as they are.
 """
 from __future__ import annotations
 
@@ -23,6 +24,10 @@ from flax import struct
 
 from jt5.config import ATTENTION_IMPLS
 from jt5.pallas_kernels import reference
+from jt5.pallas_kernels.spec import Mask, RelativeBias
+
+__all__ = ["Mask", "RelativeBias", "Plan", "make_plan", "with_bias", "attention",
+           "cache_heads_major", "pallas_interpret", "resolve_impl", "segment_ids_from_mask"]
 
 # T x S from which the XLA path attends in chunks. Measured on a 2-core CPU (B=1, N=8, H=64,
 # float32, with bias; benchmarks/RESULTS.md "Long inputs"): chunks of 512 are 0.7x the dense
@@ -57,24 +62,6 @@ def resolve_impl(impl: str) -> str:
 
 
 @struct.dataclass
-class Mask:
-    """Which keys each query sees (see ``pallas_kernels/reference.py``)."""
-    q_segment_ids: Optional[jax.Array] = None   # [B, T]; packing (None: no query-side check)
-    kv_segment_ids: Optional[jax.Array] = None  # [B, S]; 0 = padding key
-    causal: bool = struct.field(pytree_node=False, default=False)
-    local_window: Optional[int] = struct.field(pytree_node=False, default=None)
-    num_global_tokens: int = struct.field(pytree_node=False, default=0)
-
-
-@struct.dataclass
-class RelativeBias:
-    """T5 relative position bias: a ``[num_buckets, N]`` table and its bucket rule."""
-    table: jax.Array
-    bidirectional: bool = struct.field(pytree_node=False, default=True)
-    max_distance: int = struct.field(pytree_node=False, default=128)
-
-
-@struct.dataclass
 class Plan:
     mask: Mask
     bias: Optional[RelativeBias]
@@ -98,11 +85,8 @@ def make_plan(*, impl: str, q_len: int, kv_len: int, mask: Mask,
         impl = "chunked"  # nothing [T, S]-sized: bias and mask are made per chunk
     plan = Plan(mask=mask, bias=None, q_offset=q_offset, impl=impl)
     if impl == "xla":
-        plan = plan.replace(dense_mask=reference.dense_mask(
-            q_len=q_len, kv_len=kv_len, q_segment_ids=mask.q_segment_ids,
-            kv_segment_ids=mask.kv_segment_ids, causal=mask.causal,
-            local_window=mask.local_window, num_global_tokens=mask.num_global_tokens,
-            q_offset=q_offset))
+        plan = plan.replace(dense_mask=reference.dense_mask(mask, q_len=q_len, kv_len=kv_len,
+                                                            q_offset=q_offset))
     return with_bias(plan, bias, q_len=q_len, kv_len=kv_len)
 
 
@@ -110,9 +94,7 @@ def with_bias(plan: Plan, bias: Optional[RelativeBias], *, q_len: int, kv_len: i
     """The same plan with another bias table (UMT5 has one per layer)."""
     dense = None
     if bias is not None and plan.impl == "xla":
-        dense = reference.dense_bias(bias.table, q_len=q_len, kv_len=kv_len,
-                                     bidirectional=bias.bidirectional,
-                                     max_distance=bias.max_distance, q_offset=plan.q_offset)
+        dense = reference.dense_bias(bias, q_len=q_len, kv_len=kv_len, q_offset=plan.q_offset)
     return plan.replace(bias=bias, dense_bias=dense)
 
 
@@ -127,23 +109,17 @@ def attention(q, k, v, plan: Plan, *, kv_heads_major: bool = False):
                                       kv_heads_major=kv_heads_major)
     if kv_heads_major:
         raise ValueError(f"the {plan.impl} attention takes K/V as [B, S, N, H], not heads-major")
-    m, b = plan.mask, plan.bias
-    table = None if b is None else b.table
-    kw = dict(q_segment_ids=m.q_segment_ids, kv_segment_ids=m.kv_segment_ids,
-              q_offset=plan.q_offset, causal=m.causal,
-              bidirectional=True if b is None else b.bidirectional,
-              max_distance=128 if b is None else b.max_distance)
-    windows = dict(local_window=m.local_window, num_global_tokens=m.num_global_tokens)
+    m, b, off = plan.mask, plan.bias, plan.q_offset
     if plan.impl == "chunked":
         from jt5.pallas_kernels.chunked import chunked_attention
-        return chunked_attention(q, k, v, table, **kw, **windows, block_q=CHUNK, block_k=CHUNK)
+        return chunked_attention(q, k, v, m, b, q_offset=off, block_q=CHUNK, block_k=CHUNK)
     if q.shape[1] == 1 and m.local_window is None and not m.num_global_tokens:
         # One query row (a decode step): flash-decoding, split-K over the cache.
         from jt5.pallas_kernels.decode_attention import decode_attention
-        return decode_attention(q, k, v, table, **kw, interpret=_INTERPRET.get())
+        return decode_attention(q, k, v, m, b, q_offset=off, interpret=_INTERPRET.get())
     from jt5.pallas_kernels import flash_attention  # the kernels import Pallas; load on first use
 
-    return flash_attention(q, k, v, table, **kw, **windows, interpret=_INTERPRET.get())
+    return flash_attention(q, k, v, m, b, q_offset=off, interpret=_INTERPRET.get())
 
 
 def segment_ids_from_mask(attention_mask, length: int, batch: int):

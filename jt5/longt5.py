@@ -30,7 +30,7 @@ from jt5 import attention_ops as ops
 from jt5.attention import _Attention
 from jt5.config import T5Config
 from jt5.layers import RMSNorm
-from jt5.pallas_kernels import reference
+from jt5.pallas_kernels import reference, spec
 
 
 def encoder_mask(config: T5Config, mask: ops.Mask) -> ops.Mask:
@@ -94,18 +94,17 @@ def make_global_plan(config: T5Config, mask: ops.Mask, length: int, local_bias: 
     B, G = ids.shape[0], valid.shape[1]
     # ids == -1 (padding) matches no block: its row of the one-hot is zero.
     onehot = (ids[:, :, None] == jnp.arange(G, dtype=jnp.int32)[None, None]).astype(jnp.float32)
-    loc_bias = reference.dense_bias(local_bias.table, q_len=S, kv_len=S, bidirectional=True,
-                                    max_distance=local_bias.max_distance)
+    loc_bias = reference.dense_bias(local_bias.replace(bidirectional=True), q_len=S, kv_len=S)
     side_rel = jnp.arange(G, dtype=jnp.int32)[None, None] - ids[:, :, None]  # [B, S, G]
-    buckets = reference.relative_position_bucket(
+    buckets = spec.relative_position_bucket(
         side_rel, bidirectional=True, num_buckets=global_bias.table.shape[0],
         max_distance=global_bias.max_distance)
     side_bias = jnp.take(global_bias.table.astype(jnp.float32), buckets, axis=0)  # [B,S,G,N]
     side_bias = side_bias.transpose(0, 3, 1, 2)
     N = loc_bias.shape[1]
     bias = jnp.concatenate([jnp.broadcast_to(loc_bias, (B, N, S, S)), side_bias], axis=-1)
-    loc_mask = reference.dense_mask(q_len=S, kv_len=S, kv_segment_ids=seg,
-                                    local_window=config.local_radius)
+    loc_mask = reference.dense_mask(ops.Mask(kv_segment_ids=seg, local_window=config.local_radius),
+                                    q_len=S, kv_len=S)
     side_mask = (is_token[:, :, None] & valid[:, None, :])[:, None]  # [B, 1, S, G]
     full = jnp.concatenate([jnp.broadcast_to(loc_mask, (B, 1, S, S)), side_mask], axis=-1)
     return GlobalPlan(block_onehot=onehot, bias=bias, mask=full)
@@ -137,7 +136,7 @@ def global_bucket_rows(*, num_buckets: int, max_distance: int, global_block_size
     Buckets no block distance reaches keep their own row."""
     kw = dict(bidirectional=True, num_buckets=num_buckets, max_distance=max_distance)
     d = np.arange(-max_distance, max_distance + 1, dtype=np.int32)
-    buckets = np.asarray(reference.relative_position_bucket(d, **kw))
+    buckets = np.asarray(spec.relative_position_bucket(d, **kw))
     rep = np.arange(num_buckets, dtype=np.int64)  # placeholder for unreached buckets
     reached = np.zeros(num_buckets, bool)
     for b in range(num_buckets):
@@ -148,7 +147,7 @@ def global_bucket_rows(*, num_buckets: int, max_distance: int, global_block_size
         sign = 1 if ds[0] > 0 else -1
         rep[b] = sign * (lo if lo == hi else int(round(math.sqrt(lo * hi))))
         reached[b] = True
-    rows = np.asarray(reference.relative_position_bucket(
+    rows = np.asarray(spec.relative_position_bucket(
         np.asarray(rep * global_block_size, np.int32), **kw))
     return np.where(reached, rows, np.arange(num_buckets)).astype(np.int32)
 

@@ -1,7 +1,7 @@
 """T5 relative position bias (Raffel et al. 2020 §2.1; Shaw et al. 2018).
 
 Each head learns one scalar per *bucket* of relative distance ``k_pos - q_pos``; the bucket rule
-(``jt5.pallas_kernels.reference.relative_position_bucket``) gives exact buckets to short distances and
+(``jt5.pallas_kernels.spec.relative_position_bucket``) gives exact buckets to short distances and
 logarithmic ones up to ``max_distance``. T5/mT5/ByT5 learn one table per stack, shared by all its
 layers; UMT5 learns one per layer. The encoder's rule is bidirectional, the decoder's is not.
 """

@@ -7,21 +7,11 @@ kernel skips the elementwise mask), then PARTIAL ones (the kernel applies the ma
 blocks are never listed, so the kernel never visits them.
 
 Rows are query blocks for the forward and dq kernels, key blocks for the dk/dv kernel
-(``transpose=True``). Visibility is exactly ``jt5.pallas_kernels.reference.dense_mask``; the
-classification here is conservative and jittable (traced segment ids and ``q_offset``), and
-never builds a dense ``T x S`` mask:
-
-- segments: a block pair is dead if the ranges ``[min, max]`` of the non-zero segment ids of
-  the query block and of the key block do not overlap (a shared id lies in both ranges), or if
-  the key block is all padding (id 0); it is full only if both blocks hold one single identical
-  non-zero id (without query ids: the key block holds no padding);
-- geometry (``q_pos = q_offset + t``, ``k_pos = s``): causal and local-window bounds are linear,
-  so the extreme corners of the block pair decide "no pair visible" and "all pairs visible";
-  global tokens make a pair visible whenever the key or the query is among the first
-  ``num_global_tokens`` positions.
-
-Each condition yields a necessary test for "some pair visible" and a sufficient test for "all
-pairs visible"; their conjunctions are again necessary resp. sufficient, hence always correct.
+(``transpose=True``). Visibility is ``spec.visible``; the classification is its block form from
+``spec`` — ``interval_visible`` for the position patterns (exact) and ``segment_blocks`` for the
+segment ids (conservative: id ranges) — jittable (traced segment ids and ``q_offset``), and never
+builds a dense ``T x S`` mask. A necessary test for "some pair visible" and a sufficient test for
+"all pairs visible" per condition; their conjunctions are again necessary resp. sufficient.
 """
 from __future__ import annotations
 
@@ -29,9 +19,8 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-_BIG = np.iinfo(np.int32).max
+from jt5.pallas_kernels.spec import Mask, interval_visible, segment_blocks, segment_stats
 
 
 class BlockMask(NamedTuple):
@@ -46,75 +35,32 @@ class BlockMask(NamedTuple):
     indices: jax.Array  # [Bm, rows, cols] int32
 
 
-def _segment_stats(ids, block: int):
-    """Per block of ``ids [B, L]``: (min, max) over non-zero ids, and whether all are non-zero."""
-    B, L = ids.shape
-    x = ids.reshape(B, L // block, block)
-    nz = x != 0
-    lo = jnp.min(jnp.where(nz, x, _BIG), axis=-1)    # no non-zero id: lo > hi, overlaps nothing
-    hi = jnp.max(jnp.where(nz, x, -_BIG), axis=-1)
-    return lo, hi, jnp.all(nz, axis=-1)
-
-
-def classify_blocks(*, q_len: int, kv_len: int, block_q: int, block_k: int,
-                    q_segment_ids=None, kv_segment_ids=None, q_offset=0, causal: bool = False,
-                    local_window: int | None = None, num_global_tokens: int = 0,
-                    kv_valid_len: int | None = None):
+def classify_blocks(mask: Mask, *, q_len: int, kv_len: int, block_q: int, block_k: int,
+                    q_offset=0):
     """``(live, full)`` booleans ``[Bm, q_len // block_q, kv_len // block_k]``.
 
-    ``q_len``/``kv_len`` are the padded lengths (multiples of the blocks) and the segment ids
-    (if given) have those lengths. Keys at ``k_pos >= kv_valid_len`` are padding (invisible).
-    ``full`` implies ``live``.
+    ``q_len``/``kv_len`` are the padded lengths (multiples of the blocks) and the mask's segment
+    ids (if given) have those lengths. ``full`` implies ``live``; ``Bm`` is 1 without ids.
     """
     if q_len % block_q or kv_len % block_k:
         raise ValueError(f"{q_len=} must be a multiple of {block_q=} and {kv_len=} of {block_k=}")
-    if q_segment_ids is not None and kv_segment_ids is None:
+    if mask.q_segment_ids is not None and mask.kv_segment_ids is None:
         raise ValueError("q_segment_ids needs kv_segment_ids (packing compares the two)")
     nq, nk = q_len // block_q, kv_len // block_k
-    kv_valid_len = kv_len if kv_valid_len is None else kv_valid_len
-    live = jnp.ones((1, nq, nk), bool)
-    full = jnp.ones((1, nq, nk), bool)
-
-    kv_ids = None
-    if kv_segment_ids is not None:
-        kv_ids = jnp.asarray(kv_segment_ids, jnp.int32)
-        if kv_valid_len < kv_len:
-            kv_ids = jnp.where(jnp.arange(kv_len) < kv_valid_len, kv_ids, 0)
-    elif kv_valid_len < kv_len:  # padding keys only: behave like segment ids 1 (real) / 0 (pad)
-        kv_ids = (jnp.arange(kv_len) < kv_valid_len).astype(jnp.int32)[None]
-    if kv_ids is not None:
-        k_lo, k_hi, k_all = _segment_stats(kv_ids, block_k)          # [Bk, nk]
-        if q_segment_ids is not None:
-            q_lo, q_hi, q_all = _segment_stats(jnp.asarray(q_segment_ids, jnp.int32), block_q)
-            q_lo, q_hi, q_all = q_lo[:, :, None], q_hi[:, :, None], q_all[:, :, None]
-            k_lo, k_hi, k_all = k_lo[:, None, :], k_hi[:, None, :], k_all[:, None, :]
-            live = live & (q_lo <= k_hi) & (k_lo <= q_hi)
-            full = full & q_all & k_all & (q_lo == q_hi) & (k_lo == k_hi) & (q_lo == k_lo)
-        else:
-            live = live & (k_hi >= k_lo)[:, None, :]                  # some non-padding key
-            full = full & k_all[:, None, :]
-
-    if causal or local_window is not None:
-        q0 = (jnp.asarray(q_offset, jnp.int32) + jnp.arange(nq, dtype=jnp.int32) * block_q)[:, None]
-        q1 = q0 + (block_q - 1)
-        k0 = (jnp.arange(nk, dtype=jnp.int32) * block_k)[None, :]
-        k1 = k0 + (block_k - 1)
-        if causal:                                                    # k_pos <= q_pos
-            live = live & (k0 <= q1)[None]
-            full = full & (k1 <= q0)[None]
-        if local_window is not None:                                  # |k_pos - q_pos| <= w
-            w = local_window
-            near_live = (k0 - q1 <= w) & (q0 - k1 <= w)
-            near_full = (k1 - q0 <= w) & (q1 - k0 <= w)
-            if num_global_tokens:
-                # Global pairs are visible; only the non-global corner [qa, q1] x [ka, k1] of
-                # the block pair must be near for "full".
-                g = num_global_tokens
-                qa, ka = jnp.maximum(q0, g), jnp.maximum(k0, g)
-                near_live = near_live | (k0 < g) | (q0 < g)
-                near_full = (qa > q1) | (ka > k1) | ((k1 - qa <= w) & (q1 - ka <= w))
-            live = live & near_live[None]
-            full = full & near_full[None]
+    q0 = (jnp.asarray(q_offset, jnp.int32) + jnp.arange(nq, dtype=jnp.int32) * block_q)[:, None]
+    k0 = (jnp.arange(nk, dtype=jnp.int32) * block_k)[None, :]
+    live, full = interval_visible(q0, q0 + (block_q - 1), k0, k0 + (block_k - 1), mask)
+    live = jnp.broadcast_to(live, (1, nq, nk))
+    full = jnp.broadcast_to(full, (1, nq, nk))
+    if mask.kv_segment_ids is not None:
+        k_stats = [x[:, None, :] for x in
+                   segment_stats(jnp.asarray(mask.kv_segment_ids, jnp.int32), block_k)]
+        q_stats = None
+        if mask.q_segment_ids is not None:
+            q_stats = [x[:, :, None] for x in
+                       segment_stats(jnp.asarray(mask.q_segment_ids, jnp.int32), block_q)]
+        seg_live, seg_full = segment_blocks(q_stats, k_stats)
+        live, full = live & seg_live, full & seg_full
     return live, full & live
 
 
@@ -133,14 +79,9 @@ def tables_from_classes(live, full, *, transpose: bool = False) -> BlockMask:
     return BlockMask(counts=jnp.stack([n_full, n_live], axis=-1), indices=indices)
 
 
-def make_block_mask(*, q_len: int, kv_len: int, block_q: int, block_k: int, q_segment_ids=None,
-               kv_segment_ids=None, q_offset=0, causal: bool = False,
-               local_window: int | None = None, num_global_tokens: int = 0,
-               kv_valid_len: int | None = None, transpose: bool = False) -> BlockMask:
+def make_block_mask(mask: Mask, *, q_len: int, kv_len: int, block_q: int, block_k: int,
+                    q_offset=0, transpose: bool = False) -> BlockMask:
     """The kernel tables for one block geometry (see ``classify_blocks`` for the arguments)."""
-    live, full = classify_blocks(
-        q_len=q_len, kv_len=kv_len, block_q=block_q, block_k=block_k,
-        q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids, q_offset=q_offset,
-        causal=causal, local_window=local_window, num_global_tokens=num_global_tokens,
-        kv_valid_len=kv_valid_len)
+    live, full = classify_blocks(mask, q_len=q_len, kv_len=kv_len, block_q=block_q,
+                                 block_k=block_k, q_offset=q_offset)
     return tables_from_classes(live, full, transpose=transpose)

@@ -5,25 +5,27 @@ visible key give zeros), computed as flash attention is, but by XLA: queries in 
 ``block_q`` (``lax.map``), keys in chunks of ``block_k`` (``lax.scan``) with an online softmax
 in float32 (running max ``m``, normaliser ``l``, unnormalised output ``acc``). The bias of a
 chunk comes from the ``[K, N]`` table and the chunk's positions (``reference.dense_bias``), its
-mask from positions and segment ids (``reference.dense_mask``): nothing ``[T, S]``-sized exists.
+mask from positions and segment ids (``reference.dense_mask``, i.e. ``spec.visible``): nothing
+``[T, S]``-sized exists.
 
 Backward stays linear too: each query chunk and each key step are ``jax.checkpoint``-ed, so the
 backward pass keeps only the per-step carries of one query chunk (``S / block_k`` x
 ``[B, N, block_q, H]``) and recomputes scores and probabilities. Key chunks that causal or local
-masks leave empty for a whole query chunk are skipped (``lax.cond`` on their positions).
+masks leave empty for a whole query chunk are skipped (``lax.cond`` on ``spec.interval_visible``
+of their positions).
 
 This is the XLA path's attention above ``CHUNKED_MIN_ELEMENTS`` (``jt5/attention_ops.py``): on
 CPU, TPU and as the GPU fallback, long inputs no longer materialise ``[B, N, T, S]`` scores.
 """
 from __future__ import annotations
 
-import functools
 import math
 
 import jax
 import jax.numpy as jnp
 
 from jt5.pallas_kernels import reference
+from jt5.pallas_kernels.spec import Mask, RelativeBias, check_args, interval_visible
 
 
 def _pad_to(x, n: int, axis: int, value=0):
@@ -40,25 +42,12 @@ def _chunks(x, size: int):  # [B, L, ...] -> [L / size, B, size, ...]
     return jnp.moveaxis(x.reshape(B, L // size, size, *x.shape[2:]), 1, 0)
 
 
-def _live(q_lo, q_hi, k_lo, k_hi, *, causal: bool, local_window, num_global_tokens: int):
-    """Whether any (q_pos in [q_lo, q_hi], k_pos in [k_lo, k_hi]) pair can be visible by position."""
-    live = jnp.bool_(True)
-    if causal:
-        live &= k_lo <= q_hi
-    if local_window is not None:
-        near = (k_lo <= q_hi + local_window) & (k_hi >= q_lo - local_window)
-        if num_global_tokens:
-            near |= (k_lo < num_global_tokens) | (q_lo < num_global_tokens)
-        live &= near
-    return live
-
-
-def chunked_attention(q, k, v, bias_table=None, *, q_segment_ids=None, kv_segment_ids=None,
-                      q_offset=0, causal: bool = False, bidirectional: bool = True,
-                      max_distance: int = 128, local_window: int | None = None,
-                      num_global_tokens: int = 0, block_q: int = 512, block_k: int = 512):
+def chunked_attention(q, k, v, mask: Mask | None = None, bias: RelativeBias | None = None, *,
+                      q_offset=0, block_q: int = 512, block_k: int = 512):
     """``[B,T,N,H] x [B,S,N,H] x [B,S,N,H] -> [B,T,N,H]``; arguments as ``attention_reference``."""
-    reference.check_attention_args(q, k, v, bias_table, q_segment_ids, kv_segment_ids)
+    mask = Mask() if mask is None else mask
+    check_args(q, k, v, mask, bias)
+    q_segment_ids, kv_segment_ids = mask.q_segment_ids, mask.kv_segment_ids
     B, T, N, H = q.shape
     S = k.shape[1]
     bq, bk = min(block_q, T), min(block_k, S)
@@ -73,15 +62,13 @@ def chunked_attention(q, k, v, bias_table=None, *, q_segment_ids=None, kv_segmen
     qseg = None if q_segment_ids is None else _chunks(_pad_to(q_segment_ids, Tp, 1), bq)
     kseg = None if kv_segment_ids is None else _chunks(_pad_to(kv_segment_ids, Sp, 1), bk)
     q_offset = jnp.asarray(q_offset, jnp.int32)
-    live = functools.partial(_live, causal=causal, local_window=local_window,
-                             num_global_tokens=num_global_tokens)
-    if bias_table is not None:
+    patterns = mask.patterns
+    if bias is not None:
         # The bias depends only on rel = k_pos - q_pos and saturates beyond R (the kernels'
         # lookup table): [N, 2R+1] values, gathered per chunk by clip(rel); a chunk whose
         # offsets all lie beyond R on one side takes one value per head. No log per element.
-        R, lut = reference.bucket_lut(bidirectional=bidirectional,
-                                      num_buckets=bias_table.shape[0], max_distance=max_distance)
-        by_rel = jnp.take(bias_table.astype(jnp.float32), jnp.asarray(lut[:2 * R + 1]), axis=0).T
+        R, lut = bias.lut()
+        by_rel = jnp.take(bias.table.astype(jnp.float32), jnp.asarray(lut[:2 * R + 1]), axis=0).T
         tri = jnp.arange(bk, dtype=jnp.int32)[None, :] - jnp.arange(bq, dtype=jnp.int32)[:, None]
 
     def chunk_bias(q0, k0):  # [N, bq, bk]
@@ -110,13 +97,11 @@ def chunked_attention(q, k, v, bias_table=None, *, q_segment_ids=None, kv_segmen
 
             def update(_):
                 s = jnp.einsum("BNTH,BNSH->BNTS", qi, ks[j], preferred_element_type=jnp.float32)
-                if bias_table is not None:
+                if bias is not None:
                     s = s + chunk_bias(q0, k0)[None]
-                mask = reference.dense_mask(q_len=bq, kv_len=bk, q_segment_ids=qseg_i,
-                                            kv_segment_ids=kseg_j, causal=causal,
-                                            local_window=local_window,
-                                            num_global_tokens=num_global_tokens, q_offset=q0,
-                                            kv_offset=k0)
+                mask = reference.dense_mask(
+                    patterns.replace(q_segment_ids=qseg_i, kv_segment_ids=kseg_j),
+                    q_len=bq, kv_len=bk, q_offset=q0, kv_offset=k0)
                 if mask is not None:
                     s = jnp.where(mask, s, reference.MASK_VALUE)
                 # The shift only keeps exp() in range; the result does not depend on it.
@@ -129,7 +114,7 @@ def chunked_attention(q, k, v, bias_table=None, *, q_segment_ids=None, kv_segmen
                                 preferred_element_type=jnp.float32)
                 return m_new, l * corr + jnp.sum(p, axis=-1), acc * corr[..., None] + pv
 
-            on = live(q0, q0 + bq - 1, k0, k0 + bk - 1)
+            on = interval_visible(q0, q0 + bq - 1, k0, k0 + bk - 1, patterns)[0]
             return jax.lax.cond(on, update, lambda _: (m, l, acc), None), None
 
         init = (jnp.full((B, N, bq), reference.MASK_VALUE, jnp.float32),

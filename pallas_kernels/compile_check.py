@@ -10,7 +10,7 @@ backward (dk/dv, dq) or the decode kernel is lowered for CUDA
 (``jax.jit(f).trace(...).lower(lowering_platforms=("cuda",))``, no GPU needed); the Triton
 module each ``pallas_call`` builds is captured and compiled by ``triton_compile.py`` with pip
 ``triton`` through every stage (ttir, ttgir, llir, ptx, cubin). Tiles are those
-``tuning.get_block_sizes`` selects — table entries and the heuristic — for the target's GPUs.
+``blocks.get_block_sizes`` selects — table entries and the heuristic — for the target's GPUs.
 
 A kernel fails the check on a compile error, shared memory above the target's limit or any
 register spill. Identical kernels (same module text, warps and stages) are compiled once;
@@ -22,7 +22,6 @@ import argparse
 import concurrent.futures
 import contextlib
 import dataclasses
-import functools
 import hashlib
 import json
 import os
@@ -37,9 +36,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jt5.pallas_kernels import decode_attention as decode_lib
-from jt5.pallas_kernels import tuning
-from jt5.pallas_kernels.flash_attention import BlockSizes, flash_attention
+from jt5.pallas_kernels import blocks
+from jt5.pallas_kernels.blocks import BlockSizes, DecodeBlockSizes
+from jt5.pallas_kernels.decode_attention import decode_attention
+from jt5.pallas_kernels.flash_attention import flash_attention
+from jt5.pallas_kernels.spec import Mask, RelativeBias
 
 _WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "triton_compile.py")
 # Usable shared memory per block (CUDA programming guide, compute capabilities table).
@@ -144,16 +145,16 @@ class Config:
     dtype: str
     head_dim: int
     mask: str
-    blocks: object                   # flash_attention.BlockSizes | decode_attention.BlockSizes
+    blocks: object                   # BlockSizes | DecodeBlockSizes
     selected_by: tuple[str, ...] = ()  # table keys / "heuristic:<kind>" that pick these tiles
 
 
 def selected_block_sizes(arch: str, head_dim: int, dtype: str, causal: bool,
-                         path: str = tuning.TABLE_PATH) -> dict[BlockSizes, list[str]]:
-    """Every flash ``BlockSizes`` that ``tuning.get_block_sizes`` returns for this arch's GPUs
+                         path: str = blocks.TABLE_PATH) -> dict[BlockSizes, list[str]]:
+    """Every flash ``BlockSizes`` that ``blocks.get_block_sizes`` returns for this arch's GPUs
     over the table's length buckets, with what selected it."""
     names, default_kind = ARCH_GPUS[arch]
-    table = tuning.load_table(path)
+    table = blocks.load_table(path)
     kinds = {default_kind}
     for key in table:
         kind = key.split("|")[0]
@@ -161,16 +162,16 @@ def selected_block_sizes(arch: str, head_dim: int, dtype: str, causal: bool,
             kinds.add(kind)
     found: dict[BlockSizes, list[str]] = {}
     for kind, b in ((k, b) for k in sorted(kinds) for b in _BUCKETS):
-        key = tuning.table_key(kind, b, b, head_dim, dtype, causal)
-        bs = tuning.get_block_sizes(kind, b, b, head_dim, dtype, causal, path=path)
-        source = key if key in table else f"heuristic:{tuning.normalize_device_kind(kind)}"
+        key = blocks.table_key(kind, b, b, head_dim, dtype, causal)
+        bs = blocks.get_block_sizes(kind, b, b, head_dim, dtype, causal, path=path)
+        source = key if key in table else f"heuristic:{blocks.normalize_device_kind(kind)}"
         found.setdefault(bs, []).append(source)
     return found
 
 
 def configurations(arch: str, *, dtypes=("bfloat16", "float16"), head_dims=(64, 128),
                    masks=FLASH_MASKS + DECODE_MASKS, kernels=("flash", "decode"),
-                   path: str = tuning.TABLE_PATH) -> list[Config]:
+                   path: str = blocks.TABLE_PATH) -> list[Config]:
     """The configurations the model can launch on ``arch``, as the tuning table selects them."""
     for name, given, known in (("mask", masks, FLASH_MASKS + DECODE_MASKS),
                                ("kernel", kernels, ("flash", "decode")),
@@ -185,7 +186,7 @@ def configurations(arch: str, *, dtypes=("bfloat16", "float16"), head_dims=(64, 
                 sel = selected_block_sizes(arch, H, dtype, mask == "causal_packing", path)
                 out += [Config("flash", dtype, H, mask, bs, tuple(src)) for bs, src in sel.items()]
         if "decode" in kernels:
-            out += [Config("decode", dtype, H, mask, decode_lib.BlockSizes(), ("default",))
+            out += [Config("decode", dtype, H, mask, DecodeBlockSizes(), ("default",))
                     for mask in DECODE_MASKS if mask in masks]
     return out
 
@@ -209,43 +210,47 @@ def lower_config(cfg: Config) -> list[Kernel]:
         q = jnp.zeros((_B, 1, _N, H), dt)
         kv = jnp.zeros((_B, _L, _N, H), dt)
         if cfg.mask == "causal":   # decoder self-attention over the cache, in-kernel bias
-            kw, table = dict(causal=True, bidirectional=False), jnp.zeros((32, _N), jnp.float32)
+            mask, table = Mask(causal=True), jnp.zeros((32, _N), jnp.float32)
         elif cfg.mask == "cross":  # encoder padding, no bias
-            kw, table = dict(kv_segment_ids=_padding(_B, _L)), None
+            mask, table = Mask(kv_segment_ids=_padding(_B, _L)), None
         else:
             raise ValueError(f"decode mask {cfg.mask!r} must be one of {DECODE_MASKS}")
-        f = functools.partial(decode_lib.decode_attention, block_sizes=cfg.blocks,
-                              interpret=False, **kw)
-        return capture(lambda q, kv, t, pos: f(q, kv, kv, t, q_offset=pos),
-                       q, kv, table, jnp.int32(_L - 7))
+
+        def f(q, kv, t, pos):
+            bias = None if t is None else RelativeBias(t, bidirectional=False)
+            return decode_attention(q, kv, kv, mask, bias, q_offset=pos, block_sizes=cfg.blocks,
+                                    interpret=False)
+        return capture(f, q, kv, table, jnp.int32(_L - 7))
     T, S = (_L // 2, _L) if cfg.mask == "cross" else (_L, _L)
-    kw, bias = _flash_mask_kwargs(cfg.mask, _B, T, S)
+    mask, bidirectional = _flash_mask(cfg.mask, _B, T, S)
     q = jnp.zeros((_B, T, _N, H), dt)
     kv = jnp.zeros((_B, S, _N, H), dt)
-    table = jnp.zeros((32, _N), jnp.float32) if bias else None
-    f = functools.partial(flash_attention, block_sizes=cfg.blocks, interpret=False, **kw)
-    argnums = (0, 1, 2, 3) if bias else (0, 1, 2)
+    table = None if bidirectional is None else jnp.zeros((32, _N), jnp.float32)
+
+    def f(q, k, v, t):
+        bias = None if t is None else RelativeBias(t, bidirectional=bidirectional)
+        return flash_attention(q, k, v, mask, bias, block_sizes=cfg.blocks, interpret=False)
+    argnums = (0, 1, 2) if table is None else (0, 1, 2, 3)
     grad = jax.grad(lambda q, k, v, t: f(q, k, v, t).astype(jnp.float32).sum(), argnums)
     return capture(grad, q, kv, kv, table)
 
 
-def _flash_mask_kwargs(mask: str, B: int, T: int, S: int) -> tuple[dict, bool]:
-    """Keyword arguments of ``flash_attention`` for a mask kind, and whether it has a bias."""
+def _flash_mask(mask: str, B: int, T: int, S: int) -> tuple[Mask, bool | None]:
+    """The ``Mask`` of a mask kind and its bias' ``bidirectional`` (None: no bias)."""
     if mask == "none":           # encoder, no padding
-        return {}, True
+        return Mask(), True
     if mask == "padding":        # encoder with padding keys
-        return dict(kv_segment_ids=_padding(B, S)), True
+        return Mask(kv_segment_ids=_padding(B, S)), True
     if mask == "packing":        # packed encoder rows
         seg = _segments(B, T, 3)
-        return dict(q_segment_ids=seg, kv_segment_ids=seg), True
+        return Mask(q_segment_ids=seg, kv_segment_ids=seg), True
     if mask == "causal_packing":  # packed decoder self-attention
         seg = _segments(B, T, 3)
-        return dict(causal=True, bidirectional=False, q_segment_ids=seg,
-                    kv_segment_ids=seg), True
+        return Mask(q_segment_ids=seg, kv_segment_ids=seg, causal=True), False
     if mask == "cross":          # decoder queries over padded encoder keys, no bias
-        return dict(kv_segment_ids=_padding(B, S)), False
+        return Mask(kv_segment_ids=_padding(B, S)), None
     if mask == "local_global":   # local window + global tokens (LongT5-style)
-        return dict(local_window=127, num_global_tokens=16), True
+        return Mask(local_window=127, num_global_tokens=16), True
     raise ValueError(f"flash mask {mask!r} must be one of {FLASH_MASKS}")
 
 
@@ -373,7 +378,7 @@ def main(argv=None) -> int:
     ap.add_argument("--masks", default=",".join(FLASH_MASKS + DECODE_MASKS),
                     help=f"flash: {','.join(FLASH_MASKS)}; decode: {','.join(DECODE_MASKS)}")
     ap.add_argument("--kernels", default="flash,decode", help="flash and/or decode")
-    ap.add_argument("--table", default=tuning.TABLE_PATH, help="tuning table to select tiles from")
+    ap.add_argument("--table", default=blocks.TABLE_PATH, help="tuning table to select tiles from")
     ap.add_argument("--workers", type=int, default=2, help="compiles in parallel")
     ap.add_argument("--json", default=None, metavar="PATH", help="also write the rows as JSON")
     args = ap.parse_args(argv)

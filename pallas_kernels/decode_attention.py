@@ -1,11 +1,11 @@
 """Flash-decoding for T5 in Pallas (Triton lowering): one query row per (batch, head), the KV
 cache split across programs (split-K), partial ``(o, m, l)`` combined outside the kernel.
 
-Semantics are exactly ``jt5.pallas_kernels.reference.attention_reference`` with a query length of 1
-(``decode_attention_reference`` beside the kernel is that oracle):
+Semantics are exactly the contract of ``spec.py`` with a query length of 1 (the key tiles are
+masked by ``spec.visible``; ``reference.attention_reference`` is the oracle):
 
-- decoder self-attention: ``causal=True`` and ``q_offset`` = the position being decoded (a traced
-  int32 scalar), so cache slots after it — written later, or never — are masked; the
+- decoder self-attention: ``Mask(causal=True)`` and ``q_offset`` = the position being decoded (a
+  traced int32 scalar), so cache slots after it — written later, or never — are masked; the
   unidirectional T5 bias of ``rel = k_pos - q_pos`` is computed in-kernel from the
   ``[num_buckets, N]`` table (below);
 - cross-attention: no bias, ``kv_segment_ids`` (0 = padding key) mask the encoder padding;
@@ -21,7 +21,7 @@ buys nothing, so scores and the PV product are elementwise multiply-and-reduce i
 
 Bias: the bucket depends only on ``rel`` and saturates beyond ``R = bucket_saturation(...)``, so
 the kernel gathers ``bucket = lut[clip(rel, -R, R) + R]`` from a static int32 table (computed
-once on the host with ``reference.relative_position_bucket``: no device-dependent ``log``) and
+once on the host with ``spec.relative_position_bucket``: no device-dependent ``log``) and
 then the head's value ``table[bucket, n]``.
 
 The kernel is bandwidth-bound: per call it reads ``kv_bytes(...)`` of K and V (about
@@ -42,44 +42,20 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from jt5.pallas_kernels import reference
-from jt5.pallas_kernels.reference import MASK_VALUE
+from jt5.pallas_kernels.blocks import DecodeBlockSizes, next_power_of_2
+from jt5.pallas_kernels.spec import MASK_VALUE, Mask, RelativeBias, check_args, visible
 
 _DEFAULT_SMS = 132  # H100 SXM; used when the device does not report its core count
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class BlockSizes:
-    """Key block per loop step (a power of two >= 16) and the number of split-K programs per
-    (batch, head); ``num_splits=None`` picks enough programs for two waves of the GPU's SMs
-    (two in interpret mode, to keep CPU tests fast and still exercise the combine)."""
-    block_k: int = 128
-    num_splits: int | None = None
-    num_warps: int = 4
-    num_stages: int = 2
-
-    def validate(self) -> "BlockSizes":
-        b = self.block_k
-        if not (isinstance(b, int) and b >= 16 and b & (b - 1) == 0):
-            raise ValueError(f"block_k={b!r} must be a power of two >= 16 (Triton tiles)")
-        if self.num_splits is not None and self.num_splits < 1:
-            raise ValueError(f"num_splits={self.num_splits!r} must be >= 1 or None")
-        for name in ("num_warps", "num_stages"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}={getattr(self, name)!r} must be >= 1")
-        return self
 
 
 @dataclasses.dataclass(frozen=True)
 class _Static:
     block_k: int
     num_splits: int
-    kv_len: int            # true key length (keys at or beyond it are padding added here)
-    causal: bool
+    mask: Mask             # patterns only; its kv_len masks keys padded here
     has_bias: bool
     radius: int            # bucket saturation R: LUT index = clip(rel, -R, R) + R
     sm_scale: float
-
-
 
 
 def _decode_kernel(qoff_ref, q_ref, k_ref, v_ref, tab_ref, lut_ref, qseg_ref, kseg_ref,
@@ -89,7 +65,7 @@ def _decode_kernel(qoff_ref, q_ref, k_ref, v_ref, tab_ref, lut_ref, qseg_ref, ks
     q_pos = qoff_ref[0]
     n_blocks = k_ref.shape[0] // bk
     n_live = n_blocks
-    if st.causal:  # blocks wholly after the query hold no visible key: never read them
+    if st.mask.causal:  # blocks wholly after the query hold no visible key: never read them
         n_live = jnp.clip(q_pos // bk + 1, 0, n_blocks)
     per_split = (n_live + st.num_splits - 1) // st.num_splits
     lo = split * per_split
@@ -108,20 +84,7 @@ def _decode_kernel(qoff_ref, q_ref, k_ref, v_ref, tab_ref, lut_ref, qseg_ref, ks
         if st.has_bias:
             idx = jnp.clip(k_pos - q_pos, -st.radius, st.radius) + st.radius
             s = s + tab_ref[lut_ref[idx]]
-        vis = None
-
-        def _and(a, b):
-            return b if a is None else a & b
-
-        if st.kv_len < k_ref.shape[0]:
-            vis = _and(vis, k_pos < st.kv_len)
-        if st.causal:
-            vis = _and(vis, k_pos <= q_pos)
-        if kseg_ref is not None:
-            k_seg = kseg_ref[ks]
-            vis = _and(vis, k_seg != 0)
-            if q_seg is not None:
-                vis = _and(vis, k_seg == q_seg)
+        vis = visible(q_pos, k_pos, q_seg, None if kseg_ref is None else kseg_ref[ks], st.mask)
         if vis is not None:
             s = jnp.where(vis, s, MASK_VALUE)
         m_new = jnp.maximum(m, jnp.max(s))
@@ -148,7 +111,8 @@ def _combine(o, m, l, dtype):
     return out.astype(dtype)
 
 
-def _num_splits(bs: BlockSizes, batch: int, heads: int, n_blocks: int, interpret: bool) -> int:
+def _num_splits(bs: DecodeBlockSizes, batch: int, heads: int, n_blocks: int,
+                interpret: bool) -> int:
     if bs.num_splits is not None:
         return max(1, min(bs.num_splits, n_blocks))
     if interpret:
@@ -160,31 +124,31 @@ def _num_splits(bs: BlockSizes, batch: int, heads: int, n_blocks: int, interpret
 def _fit_block(S: int, block_k: int) -> tuple[int, int]:
     """(block, padded length): the largest power-of-two block <= block_k dividing S (>= 16),
     else block_k (or the rounded length, if shorter) with S padded up to a multiple of it."""
-    b = min(block_k, max(16, pl.next_power_of_2(S)))
+    b = min(block_k, max(16, next_power_of_2(S)))
     while b >= 16:
         if S % b == 0:
             return b, S
         b //= 2
-    b = min(block_k, max(16, pl.next_power_of_2(S)))
+    b = min(block_k, max(16, next_power_of_2(S)))
     return b, -(-S // b) * b
 
 
-def _forward(q, k, v, bias_table, q_off, q_seg, kv_seg, *, bidirectional, max_distance,
-             causal, sm_scale, block_sizes, interpret, debug):
+def _forward(q, k, v, bias_table, q_off, q_seg, kv_seg, *, mask, bias_rule, sm_scale,
+             block_sizes, interpret, debug):
     B, _, N, H = q.shape
     S = k.shape[1]
     bs = block_sizes
     bk, Sp = _fit_block(S, bs.block_k)
-    Hp = max(16, pl.next_power_of_2(H))
+    Hp = max(16, next_power_of_2(H))
     splits = _num_splits(bs, B, N, Sp // bk, interpret)
     radius, lut = 0, None
     if bias_table is not None:
-        radius, lut_np = reference.bucket_lut(bidirectional=bool(bidirectional),
-                                              num_buckets=int(bias_table.shape[0]),
-                                              max_distance=int(max_distance))
+        radius, lut_np = RelativeBias(bias_table, *bias_rule).lut()
         lut = jnp.asarray(lut_np)
-    st = _Static(block_k=bk, num_splits=splits, kv_len=S, causal=bool(causal),
-                 has_bias=bias_table is not None, radius=radius, sm_scale=float(sm_scale))
+    if kv_seg is None and Sp != S:  # padded keys without ids: masked by position
+        mask = mask.replace(kv_len=S if mask.kv_len is None else min(S, mask.kv_len))
+    st = _Static(block_k=bk, num_splits=splits, mask=mask, has_bias=bias_table is not None,
+                 radius=radius, sm_scale=float(sm_scale))
 
     q3 = q[:, 0]
     if Hp != H:  # zero columns change neither scores nor outputs
@@ -192,12 +156,12 @@ def _forward(q, k, v, bias_table, q_off, q_seg, kv_seg, *, bidirectional, max_di
     if Hp != H or Sp != S:
         k = jnp.pad(k, ((0, 0), (0, Sp - S), (0, 0), (0, Hp - H)))
         v = jnp.pad(v, ((0, 0), (0, Sp - S), (0, 0), (0, Hp - H)))
-    if kv_seg is not None and Sp != S:
+    if kv_seg is not None and Sp != S:  # padded keys get segment 0 (padding)
         kv_seg = jnp.pad(kv_seg, ((0, 0), (0, Sp - S)))
     tab = None
     if bias_table is not None:  # [N, K] rows, K padded to a power of two for the Triton load
         K = bias_table.shape[0]
-        tab = jnp.pad(bias_table.astype(jnp.float32).T, ((0, 0), (0, pl.next_power_of_2(K) - K)))
+        tab = jnp.pad(bias_table.astype(jnp.float32).T, ((0, 0), (0, next_power_of_2(K) - K)))
 
     kv_spec = pl.BlockSpec((None, Sp, None, Hp), lambda b, h, j: (b, 0, h, 0))
     part = pl.BlockSpec((None, None, None), lambda b, h, j: (b, h, j))
@@ -238,10 +202,12 @@ def _decode_bwd(kw, res, do):
     # reference, which is cheap for a single query row.
     q, k, v, bias_table, q_off, q_seg, kv_seg = res
     kw = dict(kw)
-    fn = functools.partial(reference.attention_reference, q_segment_ids=q_seg,
-                           kv_segment_ids=kv_seg, q_offset=q_off, causal=kw["causal"],
-                           bidirectional=kw["bidirectional"], max_distance=kw["max_distance"],
-                           sm_scale=kw["sm_scale"])
+    mask = kw["mask"].replace(q_segment_ids=q_seg, kv_segment_ids=kv_seg)
+
+    def fn(q, k, v, table):
+        bias = None if table is None else RelativeBias(table, *kw["bias_rule"])
+        return reference.attention_reference(q, k, v, mask, bias, q_offset=q_off,
+                                             sm_scale=kw["sm_scale"])
     _, vjp = jax.vjp(fn, q, k, v, bias_table)
     return (*vjp(do), None, None, None)
 
@@ -249,44 +215,32 @@ def _decode_bwd(kw, res, do):
 _decode.defvjp(_decode_fwd, _decode_bwd)
 
 
-def decode_attention(q, k, v, bias_table=None, *, q_segment_ids=None, kv_segment_ids=None,
-                     q_offset=0, causal: bool = False, bidirectional: bool = True,
-                     max_distance: int = 128, sm_scale: float = 1.0,
-                     block_sizes: BlockSizes | None = None, interpret: bool | None = None,
-                     debug: bool = False) -> jax.Array:
+def decode_attention(q, k, v, mask: Mask | None = None, bias: RelativeBias | None = None, *,
+                     q_offset=0, sm_scale: float = 1.0, block_sizes: DecodeBlockSizes | None = None,
+                     interpret: bool | None = None, debug: bool = False) -> jax.Array:
     """T5 attention of one query row per head over a KV cache: ``[B, 1, N, H]`` (dtype of q).
 
-    Arguments as ``reference.attention_reference`` with ``q.shape[1] == 1``: ``bias_table``
-    ``[num_buckets, N]`` or None; ``kv_segment_ids [B, S]`` (0 = padding key);
-    ``q_segment_ids [B, 1]`` (packing); ``q_offset`` the query's position (int or traced int32
-    scalar). ``interpret=None``: Pallas interpret mode unless the default backend is a GPU.
+    Arguments as ``reference.attention_reference`` with ``q.shape[1] == 1``: ``mask`` (its
+    ``kv_segment_ids [B, S]``, 0 = padding key; ``q_segment_ids [B, 1]``, packing; any pattern),
+    ``bias`` or None; ``q_offset`` the query's position (int or traced int32 scalar).
+    ``interpret=None``: Pallas interpret mode unless the default backend is a GPU.
     """
+    mask = Mask() if mask is None else mask
     T = q.shape[1]
     if T != 1:
         raise ValueError(f"decode_attention takes one query row: q_len={T} must be 1 "
                          f"(use flash_attention for longer queries)")
-    reference.check_attention_args(q, k, v, bias_table, q_segment_ids, kv_segment_ids)
+    check_args(q, k, v, mask, bias)
     if interpret is None:
         interpret = jax.default_backend() != "gpu"
-    bs = (block_sizes or BlockSizes()).validate()
-    kw = (("bidirectional", bool(bidirectional)), ("max_distance", int(max_distance)),
-          ("causal", bool(causal)), ("sm_scale", float(sm_scale)), ("block_sizes", bs),
-          ("interpret", bool(interpret)), ("debug", bool(debug)))
-    q_seg = None if q_segment_ids is None else jnp.asarray(q_segment_ids, jnp.int32)
-    kv_seg = None if kv_segment_ids is None else jnp.asarray(kv_segment_ids, jnp.int32)
-    return _decode(kw, q, k, v, bias_table, jnp.asarray(q_offset, jnp.int32), q_seg, kv_seg)
-
-
-def decode_attention_reference(q, k, v, bias_table=None, *, q_segment_ids=None,
-                               kv_segment_ids=None, q_offset=0, causal: bool = False,
-                               bidirectional: bool = True, max_distance: int = 128,
-                               sm_scale: float = 1.0, **unused):
-    """The oracle: ``reference.attention_reference`` (dense, pure jnp) with the same arguments."""
-    del unused  # block_sizes, interpret, debug
-    return reference.attention_reference(
-        q, k, v, bias_table, q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
-        q_offset=q_offset, causal=causal, bidirectional=bidirectional,
-        max_distance=max_distance, sm_scale=sm_scale)
+    bs = (block_sizes or DecodeBlockSizes()).validate()
+    rule = None if bias is None else (bool(bias.bidirectional), int(bias.max_distance))
+    kw = (("mask", mask.patterns), ("bias_rule", rule), ("sm_scale", float(sm_scale)),
+          ("block_sizes", bs), ("interpret", bool(interpret)), ("debug", bool(debug)))
+    q_seg, kv_seg = (None if x is None else jnp.asarray(x, jnp.int32)
+                     for x in (mask.q_segment_ids, mask.kv_segment_ids))
+    return _decode(kw, q, k, v, None if bias is None else bias.table,
+                   jnp.asarray(q_offset, jnp.int32), q_seg, kv_seg)
 
 
 def kv_bytes(*, batch: int, num_heads: int, head_dim: int, live_len: int, dtype) -> int:

@@ -1,10 +1,11 @@
 """Flash attention for T5 in Pallas (Triton lowering): in-kernel relative position bias,
 block-sparse masks, forward and backward.
 
-Semantics are exactly ``jt5.pallas_kernels.reference.attention_reference`` (the contract and the
-oracle). Layout ``[B, T, N, H]`` / ``[B, S, N, H]``; the kernels follow jax's
-``pallas/ops/gpu/attention.py`` (one program per (query block, batch, head), online softmax in
-base 2, FlashAttention-2 §3.1) with three T5 additions:
+Semantics are exactly the contract of ``spec.py`` (its oracle: ``reference.attention_reference``):
+the tiles are masked by ``spec.visible``, the block tables come from its block form. Layout
+``[B, T, N, H]`` / ``[B, S, N, H]``; the kernels follow jax's ``pallas/ops/gpu/attention.py``
+(one program per (query block, batch, head), online softmax in base 2, FlashAttention-2 §3.1) with
+three T5 additions:
 
 - Bias: the bucket depends only on ``rel = k_pos - q_pos`` and saturates at ``R =
   bucket_saturation(...)`` (<= max_distance), so a per-head value table ``lut[n, clip(rel, -R,
@@ -18,6 +19,10 @@ base 2, FlashAttention-2 §3.1) with three T5 additions:
   over the buckets present in the tile, one scalar for far tiles) and writes them out per
   (batch, head, key block); the sum over batch and key blocks happens outside the kernel.
   Deterministic, no atomics.
+
+``return_lse=True`` also returns the natural log-sum-exp of each row's visible scores (what
+merging this attention with attention over other keys needs), differentiable: its cotangent
+``g`` enters the backward as ``ds = p * (dp - (delta - g))``.
 """
 from __future__ import annotations
 
@@ -33,51 +38,14 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from jt5.pallas_kernels.block_mask import make_block_mask
-from jt5.pallas_kernels.reference import MASK_VALUE, bucket_lut, check_attention_args
+from jt5.pallas_kernels.blocks import BlockSizes, get_block_sizes, next_power_of_2
+from jt5.pallas_kernels.spec import (MASK_VALUE, Mask, RelativeBias, bucket_lut, check_args,
+                                     visible)
 
 LOG2E = math.log2(math.e)
-# lse of a row without any visible key: exp2(s - lse) underflows to exactly 0 for every s.
+# In-kernel lse of a row without any visible key: exp2(s - lse) underflows to exactly 0 for
+# every s. The public lse of such a row is MASK_VALUE.
 _EMPTY_LSE = -MASK_VALUE
-_BLOCK_FIELDS = ("block_q", "block_k", "block_q_dkv", "block_k_dkv", "block_q_dq", "block_k_dq")
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class BlockSizes:
-    """Tiles and Triton launch parameters; all blocks are powers of two >= 16.
-
-    Forward: ``block_q x block_k``. Backward: the dk/dv kernel holds a ``block_k_dkv`` key
-    block and walks ``block_q_dkv`` query blocks; the dq kernel holds a ``block_q_dq`` query
-    block and walks ``block_k_dq`` key blocks. Blocks larger than the (power-of-two rounded)
-    sequence are shrunk to it.
-    """
-    block_q: int = 128
-    block_k: int = 64
-    num_warps: int = 4
-    num_stages: int = 2
-    block_q_dkv: int = 32
-    block_k_dkv: int = 64
-    block_q_dq: int = 64
-    block_k_dq: int = 32
-    num_warps_bwd: int = 4
-    num_stages_bwd: int = 2
-
-    def validate(self) -> "BlockSizes":
-        for name in _BLOCK_FIELDS:
-            b = getattr(self, name)
-            if not (isinstance(b, int) and b >= 16 and b & (b - 1) == 0):
-                raise ValueError(f"{name}={b!r} must be a power of two >= 16 (Triton tiles)")
-        for name in ("num_warps", "num_stages", "num_warps_bwd", "num_stages_bwd"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}={getattr(self, name)!r} must be >= 1")
-        return self
-
-    def fitted(self, q_len: int, kv_len: int) -> "BlockSizes":
-        """Shrink blocks to the power-of-two rounded lengths (a 5-token query uses 16 rows)."""
-        tq, tk = max(16, pl.next_power_of_2(q_len)), max(16, pl.next_power_of_2(kv_len))
-        return dataclasses.replace(
-            self, block_q=min(self.block_q, tq), block_k=min(self.block_k, tk),
-            block_q_dkv=min(self.block_q_dkv, tq), block_k_dkv=min(self.block_k_dkv, tk),
-            block_q_dq=min(self.block_q_dq, tq), block_k_dq=min(self.block_k_dq, tk))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,18 +53,14 @@ class _Static:
     """Everything static about one call (hashable: a ``custom_vjp`` nondiff argument)."""
     blocks: BlockSizes
     sm_scale: float
-    causal: bool
-    local_window: int | None
-    num_global_tokens: int
-    bidirectional: bool
+    mask: Mask             # patterns only (Mask.patterns); its kv_len masks keys padded here
+    bidirectional: bool    # the bias' bucket rule (num_buckets 0: no bias)
     num_buckets: int
     max_distance: int
     radius: int            # bucket saturation R (LUT index = clip(rel, -R, R) + R)
-    kv_len: int            # true key length; padded keys beyond it are masked
     interpret: bool
     debug: bool
     precision: lax.Precision   # of float32 dots (resolve_precision)
-
 
 
 def _dot(a, b, st: _Static, *, trans_a=False, trans_b=False):
@@ -141,28 +105,10 @@ def _bias_tile(lut_ref, q_pos, k_pos, far, far_idx, radius):
                     lambda: lut_ref[_lut_index(q_pos, k_pos, radius)])
 
 
-def _visible(q_pos, k_pos, q_seg, k_seg, st: _Static, pad_keys: bool):
-    """Elementwise visibility of a partial tile (``reference.dense_mask``), or None."""
-    vis = None
-
-    def _and(a, b):
-        return b if a is None else a & b
-
-    if pad_keys:
-        vis = _and(vis, (k_pos < st.kv_len)[None, :])
-    if k_seg is not None:
-        vis = _and(vis, (k_seg != 0)[None, :])
-        if q_seg is not None:
-            vis = _and(vis, q_seg[:, None] == k_seg[None, :])
-    if st.causal:
-        vis = _and(vis, k_pos[None, :] <= q_pos[:, None])
-    if st.local_window is not None:
-        near = jnp.abs(k_pos[None, :] - q_pos[:, None]) <= st.local_window
-        if st.num_global_tokens:
-            g = st.num_global_tokens
-            near = near | (k_pos < g)[None, :] | (q_pos < g)[:, None]
-        vis = _and(vis, near)
-    return vis
+def _visible(q_pos, k_pos, q_seg, k_seg, st: _Static):
+    """``spec.visible`` of a partial tile (``[bq] x [bk]`` positions and ids), or None."""
+    return visible(q_pos[:, None], k_pos[None, :], None if q_seg is None else q_seg[:, None],
+                   None if k_seg is None else k_seg[None, :], st.mask)
 
 
 def _scores(q, k, q_pos, k_pos, q_first, k_first, lut_ref, st: _Static, bq: int, bk: int):
@@ -194,7 +140,7 @@ def _bucket_sums(acc, ds, blut_ref, q_pos, k_pos, far, far_idx, radius):
 # ---------------------------------------------------------------------------- kernels
 
 def _fwd_kernel(qoff_ref, q_ref, k_ref, v_ref, lut_ref, qseg_ref, kseg_ref, cnt_ref, idx_ref,
-                o_ref, lse_ref, *, st: _Static, pad_keys: bool):
+                o_ref, lse_ref, *, st: _Static):
     bq, bk = st.blocks.block_q, st.blocks.block_k
     q_first = qoff_ref[0] + pl.program_id(0) * bq
     q_pos = q_first + jnp.arange(bq, dtype=jnp.int32)
@@ -210,7 +156,7 @@ def _fwd_kernel(qoff_ref, q_ref, k_ref, v_ref, lut_ref, qseg_ref, kseg_ref, cnt_
         vis = None
         if masked:
             k_seg = None if kseg_ref is None else kseg_ref[ks]
-            vis = _visible(q_pos, k_pos, q_seg, k_seg, st, pad_keys)
+            vis = _visible(q_pos, k_pos, q_seg, k_seg, st)
         if vis is not None:
             s = jnp.where(vis, s, MASK_VALUE)
         m_new = jnp.maximum(m, jnp.max(s, axis=1))
@@ -235,7 +181,7 @@ def _fwd_kernel(qoff_ref, q_ref, k_ref, v_ref, lut_ref, qseg_ref, kseg_ref, cnt_
 
 def _dkv_kernel(qoff_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, lut_ref, blut_ref,
                 qseg_ref, kseg_ref, cnt_ref, idx_ref, dk_ref, dv_ref, *dbias_ref,
-                st: _Static, pad_keys: bool):
+                st: _Static):
     dbias_ref = dbias_ref[0] if dbias_ref else None   # only with a bias table
     bq, bk = st.blocks.block_q_dkv, st.blocks.block_k_dkv
     qoff = qoff_ref[0]
@@ -254,8 +200,7 @@ def _dkv_kernel(qoff_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, lut_r
         s, far, far_idx = _scores(q, k, q_pos, k_pos, q_first, k_first, lut_ref, st, bq, bk)
         p = jnp.exp2(s - lse_ref[qs][:, None])          # softmax probabilities (natural)
         if masked:
-            vis = _visible(q_pos, k_pos, None if qseg_ref is None else qseg_ref[qs], k_seg,
-                           st, pad_keys)
+            vis = _visible(q_pos, k_pos, None if qseg_ref is None else qseg_ref[qs], k_seg, st)
             if vis is not None:
                 p = jnp.where(vis, p, 0.0)
         dv = dv + _dot(p.astype(do.dtype), do, st, trans_a=True)
@@ -277,7 +222,7 @@ def _dkv_kernel(qoff_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, lut_r
 
 
 def _dq_kernel(qoff_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, lut_ref, qseg_ref,
-               kseg_ref, cnt_ref, idx_ref, dq_ref, *, st: _Static, pad_keys: bool):
+               kseg_ref, cnt_ref, idx_ref, dq_ref, *, st: _Static):
     bq, bk = st.blocks.block_q_dq, st.blocks.block_k_dq
     q_first = qoff_ref[0] + pl.program_id(0) * bq
     q_pos = q_first + jnp.arange(bq, dtype=jnp.int32)
@@ -293,8 +238,7 @@ def _dq_kernel(qoff_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, lut_re
         s, _, _ = _scores(q, k, q_pos, k_pos, q_first, k_first, lut_ref, st, bq, bk)
         p = jnp.exp2(s - lse[:, None])
         if masked:
-            vis = _visible(q_pos, k_pos, q_seg, None if kseg_ref is None else kseg_ref[ks],
-                           st, pad_keys)
+            vis = _visible(q_pos, k_pos, q_seg, None if kseg_ref is None else kseg_ref[ks], st)
             if vis is not None:
                 p = jnp.where(vis, p, 0.0)
         ds = p * (_dot(do, v_ref[ks, :], st, trans_b=True) - delta[:, None])
@@ -321,11 +265,9 @@ def _table_specs(bm):
 
 
 def _masks(st: _Static, q_off, q_seg, kv_seg, q_len, kv_len, bq, bk, transpose=False):
-    return make_block_mask(q_len=q_len, kv_len=kv_len, block_q=bq, block_k=bk,
-                           q_segment_ids=q_seg, kv_segment_ids=kv_seg, q_offset=q_off,
-                           causal=st.causal, local_window=st.local_window,
-                           num_global_tokens=st.num_global_tokens, kv_valid_len=st.kv_len,
-                           transpose=transpose)
+    mask = st.mask.replace(q_segment_ids=q_seg, kv_segment_ids=kv_seg)
+    return make_block_mask(mask, q_len=q_len, kv_len=kv_len, block_q=bq, block_k=bk,
+                           q_offset=q_off, transpose=transpose)
 
 
 def _buckets(st: _Static) -> np.ndarray:
@@ -356,7 +298,7 @@ def _fwd(st: _Static, q, k, v, table, q_off, q_seg, kv_seg):
     qoff_s, lut_s, qseg_s, kseg_s = _common_specs(
         q_seg, kv_seg, lut, q_block=bq, k_block=S,
         q_map=lambda i, b, h: (b, i), kv_map=lambda i, b, h: (b, 0))
-    kernel = functools.partial(_fwd_kernel, st=st, pad_keys=kv_seg is None and S > st.kv_len)
+    kernel = functools.partial(_fwd_kernel, st=st)
     o, lse = pl.pallas_call(
         kernel, grid=(T // bq, B, N),
         in_specs=[qoff_s,
@@ -374,15 +316,16 @@ def _fwd(st: _Static, q, k, v, table, q_off, q_seg, kv_seg):
     return o, lse
 
 
-def _bwd(st: _Static, q, k, v, table, q_off, q_seg, kv_seg, o, lse, do):
+def _bwd(st: _Static, q, k, v, table, q_off, q_seg, kv_seg, o, lse, do, dlse):
     B, T, N, H = q.shape
     S = k.shape[1]
     bs = st.blocks
     lut = None if table is None else _value_lut(st, table)
     blut = None if table is None else jnp.asarray(_buckets(st))
     # delta = rowsum(dO * O) (FlashAttention-2 bwd); elementwise, not a dot: no tf32 on GPU.
+    # The lse cotangent g adds g * p to dS = p * (dP - delta): the kernels get delta - g.
     delta = jnp.sum(o.astype(jnp.float32) * do.astype(jnp.float32), axis=-1).transpose(0, 2, 1)
-    pad_keys = kv_seg is None and S > st.kv_len
+    delta = delta - dlse
     cp = plgpu.CompilerParams(num_warps=bs.num_warps_bwd, num_stages=bs.num_stages_bwd)
     row_full = pl.BlockSpec((None, None, T), lambda r, b, h: (b, h, 0))
     q_full = pl.BlockSpec((None, T, None, H), lambda r, b, h: (b, 0, h, 0))
@@ -392,7 +335,7 @@ def _bwd(st: _Static, q, k, v, table, q_off, q_seg, kv_seg, o, lse, do):
     bq, bk = bs.block_q_dkv, bs.block_k_dkv
     nk = S // bk
     bm = _masks(st, q_off, q_seg, kv_seg, T, S, bq, bk, transpose=True)
-    kb = pl.next_power_of_2(st.num_buckets)
+    kb = next_power_of_2(st.num_buckets)
     qoff_s, lut_s, qseg_s, kseg_s = _common_specs(
         q_seg, kv_seg, lut, q_block=T, k_block=bk,
         q_map=lambda j, b, h: (b, 0), kv_map=lambda j, b, h: (b, j))
@@ -403,7 +346,7 @@ def _bwd(st: _Static, q, k, v, table, q_off, q_seg, kv_seg, o, lse, do):
         out_shape.append(jax.ShapeDtypeStruct((B, N, nk, kb), jnp.float32))
         out_specs.append(pl.BlockSpec((None, None, None, kb), lambda j, b, h: (b, h, j, 0)))
     dk, dv, *dbias = pl.pallas_call(
-        functools.partial(_dkv_kernel, st=st, pad_keys=pad_keys), grid=(nk, B, N),
+        functools.partial(_dkv_kernel, st=st), grid=(nk, B, N),
         in_specs=[qoff_s, q_full, k_blk, k_blk, q_full, row_full, row_full, lut_s,
                   None if blut is None else pl.BlockSpec(blut.shape, lambda j, b, h: (0,)),
                   qseg_s, kseg_s, *_table_specs(bm)],
@@ -420,7 +363,7 @@ def _bwd(st: _Static, q, k, v, table, q_off, q_seg, kv_seg, o, lse, do):
     q_blk = pl.BlockSpec((None, bq, None, H), lambda i, b, h: (b, i, h, 0))
     row_blk = pl.BlockSpec((None, None, bq), lambda i, b, h: (b, h, i))
     dq = pl.pallas_call(
-        functools.partial(_dq_kernel, st=st, pad_keys=pad_keys), grid=(T // bq, B, N),
+        functools.partial(_dq_kernel, st=st), grid=(T // bq, B, N),
         in_specs=[qoff_s, q_blk, kv_full, kv_full, q_blk, row_blk, row_blk, lut_s, qseg_s,
                   kseg_s, *_table_specs(bm)],
         out_specs=q_blk, out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype), compiler_params=cp,
@@ -433,19 +376,26 @@ def _bwd(st: _Static, q, k, v, table, q_off, q_seg, kv_seg, o, lse, do):
     return dq, dk, dv, dtable
 
 
+def _public_lse(lse2):
+    """The kernels' base-2 lse -> natural log-sum-exp, MASK_VALUE for rows with no visible key."""
+    return jnp.where(lse2 == _EMPTY_LSE, MASK_VALUE, lse2 * (1.0 / LOG2E))
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _flash(st, q, k, v, table, q_off, q_seg, kv_seg):
-    return _fwd(st, q, k, v, table, q_off, q_seg, kv_seg)[0]
+    o, lse2 = _fwd(st, q, k, v, table, q_off, q_seg, kv_seg)
+    return o, _public_lse(lse2)
 
 
 def _flash_fwd(st, q, k, v, table, q_off, q_seg, kv_seg):
-    o, lse = _fwd(st, q, k, v, table, q_off, q_seg, kv_seg)
-    return o, (q, k, v, table, q_off, q_seg, kv_seg, o, lse)
+    o, lse2 = _fwd(st, q, k, v, table, q_off, q_seg, kv_seg)
+    return (o, _public_lse(lse2)), (q, k, v, table, q_off, q_seg, kv_seg, o, lse2)
 
 
-def _flash_bwd(st, res, do):
-    q, k, v, table, q_off, q_seg, kv_seg, o, lse = res
-    dq, dk, dv, dtable = _bwd(st, q, k, v, table, q_off, q_seg, kv_seg, o, lse, do)
+def _flash_bwd(st, res, cotangents):
+    do, dlse = cotangents
+    q, k, v, table, q_off, q_seg, kv_seg, o, lse2 = res
+    dq, dk, dv, dtable = _bwd(st, q, k, v, table, q_off, q_seg, kv_seg, o, lse2, do, dlse)
     return dq, dk, dv, dtable, None, None, None
 
 
@@ -458,61 +408,59 @@ def _round_up(x: int, m: int) -> int:
     return -(-x // m) * m
 
 
-def flash_attention(q, k, v, bias_table=None, *, q_segment_ids=None, kv_segment_ids=None,
-                    q_offset=0, causal: bool = False, bidirectional: bool = True,
-                    max_distance: int = 128, local_window: int | None = None,
-                    num_global_tokens: int = 0, sm_scale: float = 1.0,
-                    block_sizes: BlockSizes | None = None, interpret: bool | None = None,
-                    precision=None, debug: bool = False) -> jax.Array:
+def flash_attention(q, k, v, mask: Mask | None = None, bias: RelativeBias | None = None, *,
+                    q_offset=0, sm_scale: float = 1.0, block_sizes: BlockSizes | None = None,
+                    interpret: bool | None = None, precision=None, debug: bool = False,
+                    return_lse: bool = False):
     """T5 attention ``[B, T, N, H]`` (dtype of q) with the bias computed in-kernel.
 
-    Same semantics and arguments as ``reference.attention_reference`` (read its docstring):
-    ``bias_table`` ``[num_buckets, N]`` or None; ``kv_segment_ids`` 0 marks padding keys;
-    ``q_segment_ids`` (packing) are compared with them; ``q_offset`` (int or traced int32
-    scalar) is the position of query 0. Differentiable in q, k, v and ``bias_table``. Any
+    Same semantics and arguments as ``reference.attention_reference``: ``mask`` (None: all
+    visible) and ``bias`` (None: no bias) are the ``spec`` objects; ``q_offset`` (int or traced
+    int32 scalar) is the position of query 0. Differentiable in q, k, v and the bias table. Any
     lengths and head dims (padded internally). ``interpret=None``: Pallas interpret mode
-    unless the default backend is a GPU. ``block_sizes=None``: ``tuning.get_block_sizes``.
+    unless the default backend is a GPU. ``block_sizes=None``: ``blocks.get_block_sizes``.
     ``precision``: of float32 dots, see ``resolve_precision`` (tf32 on a GPU by default).
+    ``return_lse``: ``(out, lse)`` with ``lse [B, N, T]`` float32 the natural log-sum-exp of
+    the visible scores (MASK_VALUE where none is visible), differentiable as well.
     """
+    mask = Mask() if mask is None else mask
     B, T, N, H = q.shape
     S = k.shape[1]
-    check_attention_args(q, k, v, bias_table, q_segment_ids, kv_segment_ids)
-    if local_window is not None and local_window < 0:
-        raise ValueError(f"{local_window=} must be >= 0")
+    check_args(q, k, v, mask, bias)
     if T == 0 or S == 0:  # nothing to attend to: zeros, like the reference's empty rows
-        return jnp.zeros_like(q)
+        out = jnp.zeros_like(q)
+        return (out, jnp.full((B, N, T), MASK_VALUE, jnp.float32)) if return_lse else out
     if interpret is None:
         interpret = jax.default_backend() != "gpu"
     if block_sizes is None:
-        from jt5.pallas_kernels import tuning  # tuning imports BlockSizes from here
-        block_sizes = tuning.get_block_sizes(
-            "interpret" if interpret else jax.devices()[0].device_kind, T, S, H, q.dtype, causal)
+        block_sizes = get_block_sizes("interpret" if interpret else jax.devices()[0].device_kind,
+                                      T, S, H, q.dtype, mask.causal)
     bs = block_sizes.validate().fitted(T, S)
-
-    num_buckets = 0 if bias_table is None else int(bias_table.shape[0])
-    radius = 0
-    if bias_table is not None:
-        radius = bucket_lut(bidirectional=bool(bidirectional), num_buckets=num_buckets,
-                            max_distance=int(max_distance))[0]
-    st = _Static(blocks=bs, sm_scale=float(sm_scale), causal=bool(causal),
-                 local_window=local_window, num_global_tokens=int(num_global_tokens),
-                 bidirectional=bool(bidirectional), num_buckets=num_buckets,
-                 max_distance=int(max_distance), radius=radius, kv_len=S,
-                 interpret=bool(interpret), debug=bool(debug),
-                 precision=resolve_precision(precision, interpret=bool(interpret)))
+    radius = 0 if bias is None else bias.lut()[0]
 
     # Pad to block multiples (and H to a power of two >= 16; zero columns change nothing).
     Tp = _round_up(T, max(bs.block_q, bs.block_q_dkv, bs.block_q_dq))
     Sp = _round_up(S, max(bs.block_k, bs.block_k_dkv, bs.block_k_dq))
-    Hp = max(16, pl.next_power_of_2(H))
+    Hp = max(16, next_power_of_2(H))
     qp = jnp.pad(q, ((0, 0), (0, Tp - T), (0, 0), (0, Hp - H)))
     kp = jnp.pad(k, ((0, 0), (0, Sp - S), (0, 0), (0, Hp - H)))
     vp = jnp.pad(v, ((0, 0), (0, Sp - S), (0, 0), (0, Hp - H)))
     q_seg = kv_seg = None
-    if kv_segment_ids is not None:  # padded keys get segment 0 (padding)
-        kv_seg = jnp.pad(jnp.asarray(kv_segment_ids, jnp.int32), ((0, 0), (0, Sp - S)))
-    if q_segment_ids is not None:   # padded queries get segment 0 (see nothing)
-        q_seg = jnp.pad(jnp.asarray(q_segment_ids, jnp.int32), ((0, 0), (0, Tp - T)))
-    q_off = jnp.asarray(q_offset, jnp.int32)
-    o = _flash(st, qp, kp, vp, bias_table, q_off, q_seg, kv_seg)
-    return o[:, :T, :, :H]
+    patterns = mask.patterns
+    if mask.kv_segment_ids is not None:  # padded keys get segment 0 (padding)
+        kv_seg = jnp.pad(jnp.asarray(mask.kv_segment_ids, jnp.int32), ((0, 0), (0, Sp - S)))
+    elif Sp > S:  # else the padded keys are masked by position
+        patterns = patterns.replace(
+            kv_len=S if patterns.kv_len is None else min(S, patterns.kv_len))
+    if mask.q_segment_ids is not None:   # padded queries get segment 0 (see nothing)
+        q_seg = jnp.pad(jnp.asarray(mask.q_segment_ids, jnp.int32), ((0, 0), (0, Tp - T)))
+    st = _Static(blocks=bs, sm_scale=float(sm_scale), mask=patterns,
+                 bidirectional=True if bias is None else bool(bias.bidirectional),
+                 num_buckets=0 if bias is None else bias.num_buckets,
+                 max_distance=128 if bias is None else int(bias.max_distance), radius=radius,
+                 interpret=bool(interpret), debug=bool(debug),
+                 precision=resolve_precision(precision, interpret=bool(interpret)))
+    o, lse = _flash(st, qp, kp, vp, None if bias is None else bias.table,
+                    jnp.asarray(q_offset, jnp.int32), q_seg, kv_seg)
+    out = o[:, :T, :, :H]
+    return (out, lse[:, :, :T]) if return_lse else out

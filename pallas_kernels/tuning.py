@@ -1,128 +1,35 @@
-"""Block sizes for ``flash_attention``: a cached table per device kind, a heuristic fallback,
-and an autotuner that measures candidates on a GPU and writes the table.
+"""Writes the block-size table (``blocks.py`` reads it): an autotuner that measures candidates
+on a GPU, and a pruner that compiles them on a CPU and keeps the spill-free ones.
 
     python -m jt5.pallas_kernels.tuning --write          # on a GPU: measure and update the table
     python -m jt5.pallas_kernels.tuning --prune          # on a CPU: keep spill-free candidates
     python -m jt5.pallas_kernels.tuning --show           # print the table
 
-The table (``tuning_table.json`` beside this file) is keyed by device kind, head dim, dtype,
-causal and power-of-two buckets of the query/key lengths. Entries carry ``"source"``:
-``"heuristic"`` (not measured: ``heuristic_block_sizes`` written by hand), ``"compiled"`` (not
-measured either: the heuristic's tiles compiled to machine code on a CPU by ``--prune`` and
-found spill-free, with the compile stats) or ``"measured"`` (written by ``autotune`` on a GPU
-with the timings it saw). The file's ``"search_space"`` holds, per arch, head dim and dtype,
-the forward and backward tile choices that compiled spill-free: ``candidates`` (the autotuner's
-search space) keeps only those.
+Table format and lookup: ``jt5.pallas_kernels.blocks``. ``"measured"`` entries are written by
+``autotune`` with the timings it saw; ``--prune`` writes the ``"search_space"`` (the forward and
+backward tile choices that compiled spill-free per arch, head dim and dtype; ``candidates``, the
+autotuner's search space, keeps only those) and re-marks unmeasured entries ``"compiled"``.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
 import itertools
 import json
-import os
 import statistics
 import time
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
-from jt5.pallas_kernels.flash_attention import BlockSizes
-
-TABLE_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tuning_table.json")
-_MIN_BUCKET, _MAX_BUCKET = 128, 32768
-# Interpret mode (CPU): each grid step is a loop iteration of an XLA program, so fewer, larger
-# tiles are faster; the numbers only matter for test speed.
-_INTERPRET = BlockSizes(block_q=64, block_k=64, block_q_dkv=64, block_k_dkv=64,
-                        block_q_dq=64, block_k_dq=64)
-
-
-def length_bucket(n: int) -> int:
-    """Power-of-two bucket of a sequence length, clamped to [128, 32768]."""
-    b = 1 << max(0, int(n) - 1).bit_length()
-    return int(min(max(b, _MIN_BUCKET), _MAX_BUCKET))
-
-
-def normalize_device_kind(kind: str) -> str:
-    return "_".join(str(kind).lower().replace("-", " ").split())
-
-
-def table_key(device_kind: str, T: int, S: int, H: int, dtype, causal: bool) -> str:
-    return (f"{normalize_device_kind(device_kind)}|H{int(H)}|{np.dtype(dtype).name}|"
-            f"{'causal' if causal else 'full'}|T{length_bucket(T)}|S{length_bucket(S)}")
-
-
-@functools.lru_cache(maxsize=4)
-def _load_cached(path: str, mtime: float) -> dict:
-    del mtime  # part of the cache key only: a rewritten table is read again
-    with open(path) as f:
-        return json.load(f)
-
-
-def _load(path: str) -> dict:
-    return _load_cached(path, os.path.getmtime(path)) if os.path.exists(path) else {}
-
-
-def load_table(path: str = TABLE_PATH) -> dict:
-    return _load(path).get("entries", {})
-
-
-def load_search_space(path: str = TABLE_PATH) -> dict:
-    """``search_space_key -> {"fwd": [fwd_part, ...], "bwd": [bwd_part, ...], ...}``."""
-    return _load(path).get("search_space", {})
-
-
-def search_space_key(arch: str, H: int, dtype) -> str:
-    return f"{arch}|H{int(H)}|{np.dtype(dtype).name}"
-
-
-def fwd_part(bs: BlockSizes) -> tuple:
-    """The fields the forward kernel depends on."""
-    return (bs.block_q, bs.block_k, bs.num_warps, bs.num_stages)
-
-
-def bwd_part(bs: BlockSizes) -> tuple:
-    """The fields the two backward kernels depend on."""
-    return (bs.block_q_dkv, bs.block_k_dkv, bs.block_q_dq, bs.block_k_dq, bs.num_warps_bwd,
-            bs.num_stages_bwd)
-
-
-def heuristic_block_sizes(device_kind: str, T: int, S: int, H: int, dtype, causal: bool,
-                          ) -> BlockSizes:
-    """Untuned defaults: the Triton/FlashAttention-2 tutorial shapes, smaller for big heads."""
-    del causal
-    kind = normalize_device_kind(device_kind)
-    if kind in ("interpret", "cpu"):
-        bs = _INTERPRET
-    elif H <= 64:   # Hopper/Ampere, T5's head dim. 8 warps: at 4 the 128x64 forward tile
-        # spills under every elementwise mask (255 registers; see jt5.pallas_kernels.compile_check)
-        bs = BlockSizes(block_q=128, block_k=64, num_warps=8, num_stages=3,
-                        block_q_dkv=32, block_k_dkv=64, block_q_dq=64, block_k_dq=32,
-                        num_warps_bwd=4, num_stages_bwd=2)
-    else:           # H = 128 (t5-3b/11b) and up: halve the tiles to keep registers in check
-        wide = np.dtype(dtype).itemsize >= 4
-        bs = BlockSizes(block_q=64 if wide else 128, block_k=32 if wide else 64,
-                        num_warps=8 if not wide else 4, num_stages=2,
-                        block_q_dkv=32, block_k_dkv=32 if wide else 64,
-                        block_q_dq=32 if wide else 64, block_k_dq=32,
-                        num_warps_bwd=4 if wide else 8, num_stages_bwd=2)
-    return _clip(bs, T, S)
-
-
-def _clip(bs: BlockSizes, T: int, S: int) -> BlockSizes:
-    """No block larger than the power-of-two rounded sequence (the kernel does the same)."""
-    return bs.validate().fitted(T, S)
-
-
-def get_block_sizes(device_kind: str, T: int, S: int, H: int, dtype, causal: bool = False, *,
-                    path: str = TABLE_PATH) -> BlockSizes:
-    """The table's entry for this shape bucket if there is one, else ``heuristic_block_sizes``."""
-    entry = load_table(path).get(table_key(device_kind, T, S, H, dtype, causal))
-    if entry is not None:
-        fields = {f.name for f in dataclasses.fields(BlockSizes)}
-        return _clip(BlockSizes(**{k: v for k, v in entry["block_sizes"].items() if k in fields}),
-                     T, S)
-    return heuristic_block_sizes(device_kind, T, S, H, dtype, causal)
+from jt5.pallas_kernels import compile_check
+from jt5.pallas_kernels.blocks import (TABLE_PATH, BlockSizes, bwd_part, fwd_part,
+                                       get_block_sizes, heuristic_block_sizes, load,
+                                       load_search_space, load_table, normalize_device_kind,
+                                       search_space_key, table_key)
+from jt5.pallas_kernels.flash_attention import flash_attention
+from jt5.pallas_kernels.spec import Mask, RelativeBias
 
 
 # ---------------------------------------------------------------------------- autotuning (GPU)
@@ -151,7 +58,6 @@ def candidates(H: int, dtype, *, arch: str = "sm_90a", pruned: bool = True,
 
 def median_time(fn, *args, repeats: int = 5, warmup: int = 1) -> float:
     """Median wall time of ``fn(*args)`` in seconds, after ``warmup`` calls (compile included)."""
-    import jax
     for _ in range(warmup):
         jax.block_until_ready(fn(*args))
     times = []
@@ -171,10 +77,6 @@ def autotune(shapes=((4, 2048, 2048, 12, 64),), dtype="bfloat16", causal_options
     Candidates are the pruned search space (``candidates``), the current choice for the shape
     first, so a run cut short by ``max_candidates`` (per shape) or ``time_budget_s`` (the whole
     run; each shape gets an equal share) still compares against what is in use."""
-    import jax
-    import jax.numpy as jnp
-
-    from jt5.pallas_kernels.flash_attention import flash_attention
     if jax.default_backend() != "gpu":
         raise RuntimeError("autotune needs a GPU (the Triton kernels cannot be timed in interpret mode)")
     kind = jax.devices()[0].device_kind
@@ -193,8 +95,9 @@ def autotune(shapes=((4, 2048, 2048, 12, 64),), dtype="bfloat16", causal_options
         for bs in ([current] + [c for c in space if c != current])[:max_candidates]:
             if share is not None and best is not None and time.perf_counter() - t_start > share:
                 break
-            f = jax.jit(functools.partial(flash_attention, causal=causal, block_sizes=bs,
-                                          bidirectional=not causal, interpret=False))
+            f = jax.jit(lambda q, k, v, t, _bs=bs, _c=causal: flash_attention(
+                q, k, v, Mask(causal=_c), RelativeBias(t, bidirectional=not _c),
+                block_sizes=_bs, interpret=False))
             g = jax.jit(jax.grad(lambda *a, _f=f: _f(*a).astype(jnp.float32).sum(),
                                  argnums=(0, 1, 2, 3)))
             try:
@@ -225,13 +128,13 @@ def autotune(shapes=((4, 2048, 2048, 12, 64),), dtype="bfloat16", causal_options
 
 def write_entries(entries: dict, path: str = TABLE_PATH) -> None:
     """Merge ``entries`` into the table file (one entry per line, sorted by key)."""
-    data = _load(path) or {"entries": {}}
+    data = load(path) or {"entries": {}}
     _write({**data, "entries": {**data.get("entries", {}), **entries}}, path)
 
 
 def write_search_space(key: str, space: dict, path: str = TABLE_PATH) -> None:
     """Set one ``search_space`` entry (``prune``'s result without its per-part stats)."""
-    data = _load(path) or {"entries": {}}
+    data = load(path) or {"entries": {}}
     spaces = {**data.get("search_space", {}),
               key: {k: v for k, v in space.items() if k != "stats"}}
     _write({**data, "search_space": dict(sorted(spaces.items()))}, path)
@@ -276,10 +179,6 @@ def prune(H: int, dtype, *, arch: str = "sm_90a", masks=PRUNE_MASKS, workers: in
     shared memory within the arch's limit, no spill). Each distinct part compiles once per
     mask: the candidates' parts are paired round-robin into as few lowerings as possible.
     Returns ``{"fwd": [...], "bwd": [...], "masks", "triton", "jax", "stats": {part: worst}}``."""
-    import jax
-
-    from jt5.pallas_kernels import compile_check
-
     cands = candidates(H, dtype, pruned=False)
     fwds = list(dict.fromkeys(map(fwd_part, cands)))
     bwds = list(dict.fromkeys(map(bwd_part, cands)))

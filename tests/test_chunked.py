@@ -12,6 +12,7 @@ import jt5
 from jt5 import attention_ops
 from jt5.pallas_kernels.chunked import chunked_attention
 from jt5.pallas_kernels.reference import attention_reference
+from jt5.pallas_kernels.spec import Mask, RelativeBias
 from tests.conftest import assert_close
 
 B, T, S, N, H = 2, 77, 90, 3, 8  # lengths that are no multiple of the chunks
@@ -29,13 +30,15 @@ def _masks():
     packed_q, packed_kv = np.ones((B, T), np.int32), kv.copy()
     packed_q[0, 40:], packed_kv[0, 45:] = 2, 2
     return {
-        "none": {},
-        "padding": dict(kv_segment_ids=jnp.asarray(kv)),
-        "packing": dict(q_segment_ids=jnp.asarray(packed_q), kv_segment_ids=jnp.asarray(packed_kv)),
-        "causal": dict(causal=True, bidirectional=False, q_segment_ids=jnp.asarray(packed_q),
-                       kv_segment_ids=jnp.asarray(packed_kv)),
-        "local_global": dict(local_window=9, num_global_tokens=3),
-        "local_offset": dict(local_window=5, q_offset=4),
+        # (mask, bias bidirectional, q_offset)
+        "none": (Mask(), True, 0),
+        "padding": (Mask(kv_segment_ids=jnp.asarray(kv)), True, 0),
+        "packing": (Mask(q_segment_ids=jnp.asarray(packed_q),
+                         kv_segment_ids=jnp.asarray(packed_kv)), True, 0),
+        "causal": (Mask(q_segment_ids=jnp.asarray(packed_q), kv_segment_ids=jnp.asarray(packed_kv),
+                        causal=True), False, 0),
+        "local_global": (Mask(local_window=9, num_global_tokens=3), True, 0),
+        "local_offset": (Mask(local_window=5), True, 4),
     }
 
 
@@ -43,18 +46,22 @@ def _masks():
 @pytest.mark.parametrize("with_bias", [True, False])
 def test_equals_dense_forward_and_gradients(kind, with_bias):
     q, k, v, table = _inputs()
-    kw = _masks()[kind]
+    mask, bidirectional, q_offset = _masks()[kind]
     table = table if with_bias else None
     w = jnp.cos(jnp.arange(H))
 
     def loss(fn):
         return lambda *a: jnp.sum(fn(*a) * w)
 
+    def bias(t):
+        return None if t is None else RelativeBias(t, bidirectional, max_distance=20)
+
     def chunked(q, k, v, t):
-        return chunked_attention(q, k, v, t, max_distance=20, block_q=16, block_k=32, **kw)
+        return chunked_attention(q, k, v, mask, bias(t), q_offset=q_offset, block_q=16,
+                                 block_k=32)
 
     def dense(q, k, v, t):
-        return attention_reference(q, k, v, t, max_distance=20, **kw)
+        return attention_reference(q, k, v, mask, bias(t), q_offset=q_offset)
 
     with jax.default_matmul_precision("highest"):
         assert_close(jax.jit(chunked)(q, k, v, table), dense(q, k, v, table), dtype="float32",
@@ -70,8 +77,8 @@ def test_fully_masked_rows_are_zero():
     q, k, v, table = _inputs()
     qseg = np.ones((B, T), np.int32)
     qseg[:, 70:] = 3  # no key has segment 3
-    out = chunked_attention(q, k, v, table, q_segment_ids=jnp.asarray(qseg),
-                            kv_segment_ids=jnp.ones((B, S), jnp.int32), block_q=16, block_k=32)
+    mask = Mask(q_segment_ids=jnp.asarray(qseg), kv_segment_ids=jnp.ones((B, S), jnp.int32))
+    out = chunked_attention(q, k, v, mask, RelativeBias(table), block_q=16, block_k=32)
     assert np.all(np.asarray(out[:, 70:]) == 0) and np.all(np.isfinite(np.asarray(out)))
 
 
@@ -80,7 +87,7 @@ def _temp_bytes(L: int) -> int:
     table = jax.ShapeDtypeStruct((32, 4), jnp.float32)
 
     def loss(q, k, v, t):
-        return jnp.sum(chunked_attention(q, k, v, t, block_q=128, block_k=128))
+        return jnp.sum(chunked_attention(q, k, v, None, RelativeBias(t), block_q=128, block_k=128))
 
     compiled = jax.jit(jax.grad(loss, (0, 1, 2, 3))).lower(spec, spec, spec, table).compile()
     return compiled.memory_analysis().temp_size_in_bytes

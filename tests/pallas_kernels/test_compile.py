@@ -11,7 +11,7 @@ import pytest
 pytest.importorskip("triton")
 
 from jt5.pallas_kernels import compile_check as cc  # noqa: E402
-from jt5.pallas_kernels.flash_attention import BlockSizes  # noqa: E402
+from jt5.pallas_kernels.blocks import BlockSizes  # noqa: E402
 from jt5.pallas_kernels.triton_compile import parse_ptxas_log  # noqa: E402
 
 

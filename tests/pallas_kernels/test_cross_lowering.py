@@ -5,7 +5,6 @@ Triton lowering error must fail here, without a GPU (docs/design.md, "Attention"
 """
 from __future__ import annotations
 
-import functools
 import re
 
 import jax
@@ -14,27 +13,37 @@ import numpy as np
 import pytest
 from jax import lax
 
-from jt5.pallas_kernels.flash_attention import BlockSizes, flash_attention
-from jt5.pallas_kernels.tuning import heuristic_block_sizes
+from jt5.pallas_kernels.blocks import BlockSizes, heuristic_block_sizes
+from jt5.pallas_kernels.flash_attention import flash_attention
+from jt5.pallas_kernels.spec import Mask, RelativeBias
 
 H100 = "NVIDIA H100 80GB HBM3"
 
 
 def _mask_kwargs(kind, B, T, S):
+    """(Mask, bias bidirectional, call keywords) of a mask kind."""
     if kind == "none":
-        return {}
+        return Mask(), True, {}
     if kind == "padding":
         kv = np.ones((B, S), np.int32)
         kv[:, S // 2:] = 0
-        return dict(kv_segment_ids=jnp.asarray(kv))
+        return Mask(kv_segment_ids=jnp.asarray(kv)), True, {}
     if kind == "causal_packing":
         q = np.repeat(np.arange(1, 3, dtype=np.int32)[None], B, 0).repeat(-(-T // 2), 1)[:, :T]
         kv = np.repeat(np.arange(1, 3, dtype=np.int32)[None], B, 0).repeat(-(-S // 2), 1)[:, :S]
-        return dict(causal=True, bidirectional=False, q_segment_ids=jnp.asarray(q),
-                    kv_segment_ids=jnp.asarray(kv))
+        return (Mask(q_segment_ids=jnp.asarray(q), kv_segment_ids=jnp.asarray(kv), causal=True),
+                False, {})
     if kind == "local_global":
-        return dict(local_window=64, num_global_tokens=4, q_offset=jnp.int32(3))
+        return Mask(local_window=64, num_global_tokens=4), True, dict(q_offset=jnp.int32(3))
     raise ValueError(kind)
+
+
+def _flash(mask=None, bidirectional=True, **kw):
+    """``f(q, k, v, table=None)`` calling flash_attention with the spec objects."""
+    def f(q, k, v, table=None):
+        bias = None if table is None else RelativeBias(table, bidirectional=bidirectional)
+        return flash_attention(q, k, v, mask, bias, **kw)
+    return f
 
 
 def _lower(fn, *args):
@@ -58,9 +67,9 @@ def test_fwd_and_bwd_lower_to_triton(dtype, kind, H, bias):
     q = jnp.zeros((B, T, N, H), dt)
     k = jnp.zeros((B, S, N, H), dt)
     table = jnp.zeros((32, N), jnp.float32) if bias else None
-    kw = _mask_kwargs(kind, B, T, S)
-    bs = heuristic_block_sizes(H100, T, S, H, dt, kw.get("causal", False))
-    f = functools.partial(flash_attention, block_sizes=bs, interpret=False, **kw)
+    mask, bidirectional, kw = _mask_kwargs(kind, B, T, S)
+    bs = heuristic_block_sizes(H100, T, S, H, dt, mask.causal)
+    f = _flash(mask, bidirectional, block_sizes=bs, interpret=False, **kw)
     text = _lower(f, q, k, k, table)
     assert text.count("__gpu$xla.gpu.triton") == 1                          # forward only
     grad = jax.grad(lambda *a: f(*a).astype(jnp.float32).sum(),
@@ -73,23 +82,34 @@ def test_fwd_and_bwd_lower_to_triton(dtype, kind, H, bias):
                                                block_q_dq=16, block_k_dq=128)])
 def test_block_size_variants_lower(blocks):
     q = jnp.zeros((1, 256, 2, 64), jnp.bfloat16)
-    grad = jax.grad(lambda *a: flash_attention(*a, block_sizes=blocks, interpret=False,
-                                               causal=True).astype(jnp.float32).sum(),
-                    argnums=(0, 1, 2, 3))
+    f = _flash(Mask(causal=True), block_sizes=blocks, interpret=False)
+    grad = jax.grad(lambda *a: f(*a).astype(jnp.float32).sum(), argnums=(0, 1, 2, 3))
     _lower(grad, q, q, q, jnp.zeros((32, 2), jnp.float32))
+
+
+def test_lse_output_and_its_gradient_lower():
+    """``return_lse``: the same three kernels, the lse cotangent folded into delta."""
+    q = jnp.zeros((2, 200, 2, 64), jnp.bfloat16)
+    f = _flash(Mask(local_window=32), return_lse=True, interpret=False)
+
+    def loss(*a):
+        out, lse = f(*a)
+        return out.astype(jnp.float32).sum() + lse.sum()
+    assert _lower(loss, q, q, q, jnp.zeros((32, 2), jnp.float32)).count("__gpu$xla.gpu.triton") == 1
+    grad = jax.grad(loss, argnums=(0, 1, 2, 3))
+    assert _lower(grad, q, q, q, jnp.zeros((32, 2), jnp.float32)).count("__gpu$xla.gpu.triton") == 3
 
 
 def test_non_power_of_two_block_fails_before_lowering():
     q = jnp.zeros((1, 96, 2, 64), jnp.bfloat16)
-    f = functools.partial(flash_attention, block_sizes=BlockSizes(block_q=48, block_k=48),
-                          interpret=False)
+    f = _flash(block_sizes=BlockSizes(block_q=48, block_k=48), interpret=False)
     with pytest.raises(ValueError, match=r"block_q=48 must be a power of two"):
         jax.jit(f).trace(q, q, q).lower(lowering_platforms=("cuda",))
 
 
 def _kernel_dot_precisions(**kw):
     q = jnp.zeros((1, 64, 1, 64), jnp.float32)
-    grad = jax.grad(lambda *a: flash_attention(*a, **kw).sum(), argnums=(0, 1, 2, 3))
+    grad = jax.grad(lambda *a: _flash(**kw)(*a).sum(), argnums=(0, 1, 2, 3))
     jaxpr = str(jax.make_jaxpr(grad)(q, q, q, jnp.zeros((32, 1), jnp.float32)))
     precisions = re.findall(r"dot_general\[.*?precision=([^\n]*)", jaxpr, flags=re.S)
     assert len(precisions) >= 7, precisions           # fwd 2, dkv 3, dq 2 in-kernel dots

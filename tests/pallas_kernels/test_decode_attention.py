@@ -8,8 +8,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jt5.pallas_kernels.decode_attention import (BlockSizes, decode_attention,
-                                                 decode_attention_reference, kv_bytes, live_length)
+from jt5.pallas_kernels.blocks import DecodeBlockSizes
+from jt5.pallas_kernels.decode_attention import decode_attention, kv_bytes, live_length
+from jt5.pallas_kernels.reference import attention_reference
+from jt5.pallas_kernels.spec import Mask, RelativeBias
 from tests.conftest import assert_close
 
 N = 3
@@ -43,16 +45,18 @@ def test_causal_self_attention_with_bias(dtype, S, H, block_k, splits):
     """Decoder self-attention: unidirectional bias, keys after the query masked (q_offset)."""
     B = 2
     q, k, v, table = _inputs(B, S, H, dtype)
-    bs = BlockSizes(block_k=block_k, num_splits=splits)
+    bs = DecodeBlockSizes(block_k=block_k, num_splits=splits)
+    mask = Mask(causal=True)
     fn = jax.jit(lambda q, k, v, t, pos: decode_attention(
-        q, k, v, t, q_offset=pos, causal=True, bidirectional=False, max_distance=24,
+        q, k, v, mask, RelativeBias(t, bidirectional=False, max_distance=24), q_offset=pos,
         block_sizes=bs))
     for pos in sorted({0, 1, block_k - 1, block_k, S // 2, S - 1}):
         if pos >= S:
             continue
         out = fn(q, k, v, table, jnp.int32(pos))   # a traced position: one compilation
-        ref = decode_attention_reference(q, k, v, table, q_offset=pos, causal=True,
-                                         bidirectional=False, max_distance=24)
+        ref = attention_reference(q, k, v, mask,
+                                  RelativeBias(table, bidirectional=False, max_distance=24),
+                                  q_offset=pos)
         assert_close(out, ref, dtype=dtype, check="attention", what=f"q_offset={pos}")
 
 
@@ -61,36 +65,38 @@ def test_cross_attention_padding_no_bias(dtype):
     """Cross-attention: encoder padding masked, no bias; a fully padded row gives zeros."""
     B, S, H = 3, 96, 64
     q, k, v, _ = _inputs(B, S, H, dtype, seed=1)
-    seg = _padding(B, S)
-    out = decode_attention(q, k, v, kv_segment_ids=seg,
-                           block_sizes=BlockSizes(block_k=32, num_splits=2))
-    ref = decode_attention_reference(q, k, v, kv_segment_ids=seg)
+    mask = Mask(kv_segment_ids=_padding(B, S))
+    out = decode_attention(q, k, v, mask, block_sizes=DecodeBlockSizes(block_k=32, num_splits=2))
+    ref = attention_reference(q, k, v, mask)
     assert_close(out, ref, dtype=dtype, check="attention", what="cross-attention")
     assert not np.asarray(out[0], np.float32).any()
 
 
 def test_bidirectional_bias_packing_and_scale():
     """The rest of the contract: bidirectional buckets, q/kv segment ids, sm_scale, q_offset
-    inside a non-causal row."""
+    inside a non-causal row, a local window with global tokens."""
     B, S, H = 2, 64, 16
     q, k, v, table = _inputs(B, S, H, "float32", seed=2)
     kv_seg = jnp.asarray(np.repeat(np.array([[1] * 20 + [2] * 40 + [0] * 4]), B, 0))
     q_seg = jnp.asarray([[2], [1]], jnp.int32)
-    kw = dict(q_segment_ids=q_seg, kv_segment_ids=kv_seg, q_offset=30, bidirectional=True,
-              max_distance=24, sm_scale=0.7)
-    out = decode_attention(q, k, v, table, block_sizes=BlockSizes(block_k=16), **kw)
-    ref = decode_attention_reference(q, k, v, table, **kw)
-    assert_close(out, ref, dtype="float32", check="attention", what="bidirectional packing")
+    bias = RelativeBias(table, bidirectional=True, max_distance=24)
+    for mask in (Mask(q_segment_ids=q_seg, kv_segment_ids=kv_seg),
+                 Mask(kv_segment_ids=kv_seg, local_window=6, num_global_tokens=3)):
+        out = decode_attention(q, k, v, mask, bias, q_offset=30, sm_scale=0.7,
+                               block_sizes=DecodeBlockSizes(block_k=16))
+        ref = attention_reference(q, k, v, mask, bias, q_offset=30, sm_scale=0.7)
+        assert_close(out, ref, dtype="float32", check="attention", what=str(mask.patterns))
 
 
 @pytest.mark.slow
 def test_gradient_uses_the_reference():
     B, S, H = 1, 32, 16
     q, k, v, table = _inputs(B, S, H, "float32", seed=3)
-    kw = dict(q_offset=9, causal=True, bidirectional=False, max_distance=24)
-    loss = lambda f: lambda q, k, v, t: jnp.sum(f(q, k, v, t, **kw) ** 2)  # noqa: E731
+    def loss(f):
+        return lambda q, k, v, t: jnp.sum(f(q, k, v, Mask(causal=True), RelativeBias(
+            t, bidirectional=False, max_distance=24), q_offset=9) ** 2)
     g = jax.grad(loss(decode_attention), argnums=(0, 1, 2, 3))(q, k, v, table)
-    r = jax.grad(loss(decode_attention_reference), argnums=(0, 1, 2, 3))(q, k, v, table)
+    r = jax.grad(loss(attention_reference), argnums=(0, 1, 2, 3))(q, k, v, table)
     for a, b in zip(g, r):
         assert_close(a, b, dtype="float32", check="attention_grad", what="grad")
 
@@ -100,9 +106,9 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match="q_len=2 must be 1"):
         decode_attention(jnp.concatenate([q, q], 1), k, v)
     with pytest.raises(ValueError, match="block_k=24"):
-        decode_attention(q, k, v, block_sizes=BlockSizes(block_k=24))
+        decode_attention(q, k, v, block_sizes=DecodeBlockSizes(block_k=24))
     with pytest.raises(ValueError, match="num_buckets"):
-        decode_attention(q, k, v, table[:, :2])
+        decode_attention(q, k, v, None, RelativeBias(table[:, :2]))
     with pytest.raises(ValueError, match="share a dtype"):
         decode_attention(q.astype(jnp.bfloat16), k, v)
 
@@ -127,15 +133,17 @@ def test_lowers_to_triton_for_cuda(dtype, H):
     seg = jnp.ones((B, S), jnp.int32)
 
     def self_attn(q, k, v, t, pos):
-        return decode_attention(q, k, v, t, q_offset=pos, causal=True, bidirectional=False,
-                                interpret=False, block_sizes=BlockSizes(num_splits=4))
+        return decode_attention(q, k, v, Mask(causal=True), RelativeBias(t, bidirectional=False),
+                                q_offset=pos, interpret=False,
+                                block_sizes=DecodeBlockSizes(num_splits=4))
 
     def cross_attn(q, k, v, seg):
-        return decode_attention(q, k, v, kv_segment_ids=seg, interpret=False)
+        return decode_attention(q, k, v, Mask(kv_segment_ids=seg), interpret=False)
 
     def packed_padded(q, k, v, t, q_seg, seg):  # S=100: padded to whole tiles in the wrapper
-        return decode_attention(q, k[:, :100], v[:, :100], t, q_segment_ids=q_seg,
-                                kv_segment_ids=seg[:, :100], q_offset=3, interpret=False)
+        return decode_attention(q, k[:, :100], v[:, :100],
+                                Mask(q_segment_ids=q_seg, kv_segment_ids=seg[:, :100]),
+                                RelativeBias(t), q_offset=3, interpret=False)
 
     q_seg = jnp.ones((B, 1), jnp.int32)
     for fn, args in ((self_attn, (q, k, k, table, jnp.int32(7))), (cross_attn, (q, k, k, seg)),

@@ -5,15 +5,16 @@ cases check the forward output from the same ``jax.vjp``.
 """
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jt5.pallas_kernels.flash_attention import BlockSizes, flash_attention
+from jt5.pallas_kernels.blocks import BlockSizes
+from jt5.pallas_kernels.flash_attention import flash_attention
+from jt5.pallas_kernels import reference
 from jt5.pallas_kernels.reference import attention_reference
+from jt5.pallas_kernels.spec import MASK_VALUE, Mask, RelativeBias
 from tests.conftest import assert_close
 
 N = 2
@@ -62,6 +63,23 @@ def _inputs(T, S, H, dtype, seed=0, bias=True, num_buckets=32):
     return q, k, v, table, w
 
 
+_MASK_FIELDS = ("q_segment_ids", "kv_segment_ids", "causal", "local_window", "num_global_tokens")
+_BIAS_FIELDS = ("bidirectional", "max_distance")
+
+
+def _bind(fn, kw, **opts):
+    """``fn(q, k, v, table)`` with the spec objects built from a flat keyword dict: Mask fields,
+    RelativeBias fields (table None: no bias), the rest call options (q_offset, sm_scale)."""
+    mask = Mask(**{f: kw[f] for f in _MASK_FIELDS if f in kw})
+    rule = {f: kw[f] for f in _BIAS_FIELDS if f in kw}
+    rest = {f: x for f, x in kw.items() if f not in _MASK_FIELDS + _BIAS_FIELDS}
+
+    def call(q, k, v, table):
+        bias = None if table is None else RelativeBias(table, **rule)
+        return fn(q, k, v, mask, bias, **rest, **opts)
+    return call
+
+
 def _masks(kind, T, S):
     if kind == "none":
         return {}
@@ -104,8 +122,8 @@ FORWARD = [
 def test_forward_matches_reference(name, T, S, H, dtype, kind, bias, extra, bs):
     q, k, v, table, _ = _inputs(T, S, H, dtype, bias=bias)
     kw = {**_masks(kind, T, S), **extra}
-    out = jax.jit(functools.partial(flash_attention, block_sizes=bs, **kw))(q, k, v, table)
-    ref = jax.jit(functools.partial(attention_reference, **kw))(q, k, v, table)
+    out = jax.jit(_bind(flash_attention, kw, block_sizes=bs))(q, k, v, table)
+    ref = jax.jit(_bind(attention_reference, kw))(q, k, v, table)
     assert out.dtype == q.dtype and out.shape == q.shape
     assert_close(out, ref, dtype=dtype, check="attention", what=name)
 
@@ -140,12 +158,12 @@ def test_gradients_match_reference(name, T, S, H, dtype, kind, bias, extra, bs):
 
     @jax.jit
     def kernel(q, k, v, table, w, q_offset):  # q_offset traced: exercises the runtime path
-        f = functools.partial(flash_attention, block_sizes=bs, q_offset=q_offset, **kw)
+        f = _bind(flash_attention, kw, block_sizes=bs, q_offset=q_offset)
         return _value_and_grads(f, q, k, v, table, w)
 
     out, grads = kernel(q, k, v, table, w, jnp.int32(q_offset))
     ref_out, ref_grads = jax.jit(lambda *a: _value_and_grads(
-        functools.partial(attention_reference, q_offset=q_offset, **kw), *a))(q, k, v, table, w)
+        _bind(attention_reference, kw, q_offset=q_offset), *a))(q, k, v, table, w)
     assert_close(out, ref_out, dtype=dtype, check="attention", what=f"{name} out")
     for g_name, g, r in zip(("dq", "dk", "dv", "dtable"), grads, ref_grads):
         if r is None:
@@ -164,8 +182,7 @@ def test_fully_masked_rows_are_exact_zeros_with_zero_gradients():
     kv_ids = np.ones((2, S), np.int32)
     kv_ids[:, 50:] = 0
     kw = dict(q_segment_ids=jnp.asarray(q_ids), kv_segment_ids=jnp.asarray(kv_ids))
-    f = jax.jit(lambda *a: _value_and_grads(
-        functools.partial(flash_attention, block_sizes=B32, **kw), *a))
+    f = jax.jit(lambda *a: _value_and_grads(_bind(flash_attention, kw, block_sizes=B32), *a))
     out, (dq, dk, dv, dtable) = f(q, k, v, table, w)
     dead = np.asarray(q_ids == 0) | np.asarray(q_ids == 7)
     for x in (out, dq, dk, dv, dtable):
@@ -173,20 +190,70 @@ def test_fully_masked_rows_are_exact_zeros_with_zero_gradients():
     assert np.all(np.asarray(out)[dead] == 0.0)
     assert np.all(np.asarray(dq)[dead] == 0.0)
     assert np.all(np.asarray(dk)[:, 50:] == 0.0) and np.all(np.asarray(dv)[:, 50:] == 0.0)
-    ref = jax.jit(functools.partial(attention_reference, **kw))(q, k, v, table)
+    ref = jax.jit(_bind(attention_reference, kw))(q, k, v, table)
     assert_close(out, ref, dtype=jnp.float32, check="attention", what="masked rows")
+
+
+# (name, T, S, mask kind, extra kwargs, block sizes): lse cases with rows that see no key
+LSE = [
+    ("causal_packing_qoffset", 96, 160, "causal_packing", dict(q_offset=7), MIXED),
+    ("local_global_padding", 100, 130, "local_global", dict(kv_segment_ids=_padding(130)), B32),
+]
+
+
+@pytest.mark.parametrize("name,T,S,kind,extra,bs", LSE, ids=[c[0] for c in LSE])
+def test_lse_and_its_gradient_match_reference(name, T, S, kind, extra, bs):
+    """``return_lse``: lse = log-sum-exp of the visible scores (checked against
+    ``jax.nn.logsumexp`` of the dense scores), MASK_VALUE where nothing is visible; gradients
+    of a loss that uses out AND lse equal the reference's (the lse cotangent in the kernels)."""
+    kw = {**_masks(kind, T, S), **extra}
+    q_offset = kw.pop("q_offset", 0)
+    q, k, v, table, w = _inputs(T, S, 64, jnp.float32, seed=4)
+    w_lse = jax.random.normal(jax.random.key(5), (2, N, T), jnp.float32)
+
+    def run(fn, **opts):
+        f = _bind(fn, kw, q_offset=q_offset, return_lse=True, **opts)
+        (out, lse), vjp = jax.vjp(f, q, k, v, table)
+        return out, lse, vjp((w, w_lse))
+
+    out, lse, grads = jax.jit(lambda: run(flash_attention, block_sizes=bs))()
+    ref_out, ref_lse, ref_grads = jax.jit(lambda: run(attention_reference))()
+
+    mask = Mask(**{f: kw[f] for f in _MASK_FIELDS if f in kw})
+    scores = (jnp.einsum("BTNH,BSNH->BNTS", q, k, precision="highest")
+              + reference.dense_bias(RelativeBias(table, **{f: kw[f] for f in _BIAS_FIELDS
+                                                             if f in kw}),
+                                     q_len=T, kv_len=S, q_offset=q_offset))
+    vis = jnp.broadcast_to(reference.dense_mask(mask, q_len=T, kv_len=S, q_offset=q_offset),
+                           scores.shape)
+    empty = ~np.asarray(vis.any(-1))
+    assert empty.any() and not empty.all(), "the case must have rows with and without keys"
+    want = np.where(empty, MASK_VALUE, jax.nn.logsumexp(jnp.where(vis, scores, -jnp.inf), -1))
+    assert lse.shape == (2, N, T) and lse.dtype == jnp.float32
+    np.testing.assert_array_equal(np.asarray(lse)[empty], np.float32(MASK_VALUE))
+    np.testing.assert_array_equal(np.asarray(ref_lse)[empty], np.float32(MASK_VALUE))
+    for got in (lse, ref_lse):
+        assert_close(np.asarray(got)[~empty], want[~empty], dtype="float32", check="attention",
+                     what=f"{name} lse")
+    assert_close(out, ref_out, dtype="float32", check="attention", what=f"{name} out")
+    assert not np.asarray(out).transpose(0, 2, 1, 3)[empty].any()
+    for g_name, g, r in zip(("dq", "dk", "dv", "dtable"), grads, ref_grads):
+        assert_close(g, r, dtype="float32", check="attention_grad", what=f"{name} {g_name}")
 
 
 def test_invalid_arguments_raise_clear_errors():
     q, k, v, table, _ = _inputs(16, 16, 64, jnp.float32)
+    bias = RelativeBias(table)
     with pytest.raises(ValueError, match="block_q=48 must be a power of two"):
-        flash_attention(q, k, v, table, block_sizes=BlockSizes(block_q=48))
+        flash_attention(q, k, v, None, bias, block_sizes=BlockSizes(block_q=48))
     with pytest.raises(ValueError, match="q_segment_ids needs kv_segment_ids"):
-        flash_attention(q, k, v, table, q_segment_ids=jnp.ones((2, 16), jnp.int32))
+        flash_attention(q, k, v, Mask(q_segment_ids=jnp.ones((2, 16), jnp.int32)), bias)
     with pytest.raises(ValueError, match="num_buckets"):
-        flash_attention(q, k, v, table[:, :1])
+        flash_attention(q, k, v, None, RelativeBias(table[:, :1]))
     with pytest.raises(ValueError, match="share a dtype"):
-        flash_attention(q, k.astype(jnp.bfloat16), v, table)
+        flash_attention(q, k.astype(jnp.bfloat16), v, None, bias)
+    with pytest.raises(ValueError, match="local_window=-1"):
+        flash_attention(q, k, v, Mask(local_window=-1), bias)
 
 
 @pytest.mark.gpu
@@ -200,10 +267,10 @@ def test_compiled_triton_matches_interpret_and_reference(kind, dtype):
     # "highest": f32 kernels would otherwise run tf32 dots (jax's GPU default), not the 1e-5 table
     with jax.default_matmul_precision("highest"):
         run = {mode: jax.jit(lambda *a, _i=mode: _value_and_grads(
-            functools.partial(flash_attention, interpret=_i, **kw), *a))(q, k, v, table, w)
+            _bind(flash_attention, kw, interpret=_i), *a))(q, k, v, table, w)
             for mode in (False, True)}
         ref = jax.jit(lambda *a: _value_and_grads(
-            functools.partial(attention_reference, **kw), *a))(q, k, v, table, w)
+            _bind(attention_reference, kw), *a))(q, k, v, table, w)
     for got in run.values():
         assert_close(got[0], ref[0], dtype=dtype, check="attention", what=f"{kind} out")
         for g, r in zip(got[1], ref[1]):

@@ -1,4 +1,5 @@
-"""Block-size table lookup and heuristic (CPU); the autotuner itself only on a GPU."""
+"""Block-size table lookup and heuristic (``blocks``, CPU); the table writers (``tuning``); the
+autotuner itself only on a GPU. ``blocks`` imports no kernel: the import graph has no cycle."""
 from __future__ import annotations
 
 import dataclasses
@@ -8,8 +9,8 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from jt5.pallas_kernels import tuning
-from jt5.pallas_kernels.flash_attention import BlockSizes
+from jt5.pallas_kernels import blocks, tuning
+from jt5.pallas_kernels.blocks import BlockSizes
 
 H100 = "NVIDIA H100 80GB HBM3"
 
@@ -19,9 +20,9 @@ def _is_pow2(x):
 
 
 def test_length_bucket_and_key():
-    assert [tuning.length_bucket(n) for n in (1, 128, 129, 2048, 3000, 10**6)] == [
+    assert [blocks.length_bucket(n) for n in (1, 128, 129, 2048, 3000, 10**6)] == [
         128, 128, 256, 2048, 4096, 32768]
-    key = tuning.table_key(H100, 2000, 77, 64, jnp.bfloat16, True)
+    key = blocks.table_key(H100, 2000, 77, 64, jnp.bfloat16, True)
     assert key == "nvidia_h100_80gb_hbm3|H64|bfloat16|causal|T2048|S128"
 
 
@@ -29,7 +30,7 @@ def test_length_bucket_and_key():
 @pytest.mark.parametrize("T,S,H,dtype", [(1, 77, 64, "bfloat16"), (300, 300, 64, "float32"),
                                          (4096, 512, 128, "bfloat16"), (40, 33, 48, "float16")])
 def test_heuristic_is_valid_and_fits_the_lengths(kind, T, S, H, dtype):
-    bs = tuning.get_block_sizes(kind, T, S, H, dtype, causal=False)
+    bs = blocks.get_block_sizes(kind, T, S, H, dtype, causal=False)
     for name in ("block_q", "block_q_dkv", "block_q_dq"):
         v = getattr(bs, name)
         assert _is_pow2(v) and v <= max(16, 1 << (T - 1).bit_length()), (name, v)
@@ -39,7 +40,7 @@ def test_heuristic_is_valid_and_fits_the_lengths(kind, T, S, H, dtype):
 
 
 def test_interpret_mode_uses_small_blocks():
-    bs = tuning.get_block_sizes("interpret", 4096, 4096, 64, "float32")
+    bs = blocks.get_block_sizes("interpret", 4096, 4096, 64, "float32")
     assert max(bs.block_q, bs.block_k, bs.block_q_dkv, bs.block_k_dkv) <= 64
 
 
@@ -47,13 +48,13 @@ def test_table_entry_wins_over_heuristic(tmp_path):
     path = tmp_path / "table.json"
     tuned = BlockSizes(block_q=64, block_k=32, num_warps=8, num_stages=3, block_q_dkv=16,
                        block_k_dkv=128, block_q_dq=128, block_k_dq=16)
-    key = tuning.table_key(H100, 2048, 2048, 64, "bfloat16", False)
+    key = blocks.table_key(H100, 2048, 2048, 64, "bfloat16", False)
     tuning.write_entries({key: {"block_sizes": dataclasses.asdict(tuned), "source": "measured"}},
                          str(path))
-    assert tuning.get_block_sizes(H100, 1500, 2048, 64, "bfloat16", path=str(path)) == tuned
+    assert blocks.get_block_sizes(H100, 1500, 2048, 64, "bfloat16", path=str(path)) == tuned
     # another bucket, dtype or causal flag: the heuristic
-    other = tuning.get_block_sizes(H100, 2048, 2048, 64, "bfloat16", True, path=str(path))
-    assert other == tuning.heuristic_block_sizes(H100, 2048, 2048, 64, "bfloat16", True)
+    other = blocks.get_block_sizes(H100, 2048, 2048, 64, "bfloat16", True, path=str(path))
+    assert other == blocks.heuristic_block_sizes(H100, 2048, 2048, 64, "bfloat16", True)
     # merging keeps the old entry
     tuning.write_entries({"x|H64|float32|full|T128|S128": {"block_sizes": {}, "source": "m"}},
                          str(path))
@@ -61,7 +62,7 @@ def test_table_entry_wins_over_heuristic(tmp_path):
 
 
 def test_shipped_table_is_valid_and_honest():
-    data = json.load(open(tuning.TABLE_PATH))
+    data = json.load(open(blocks.TABLE_PATH))
     assert data["entries"], "empty table"
     for key, entry in data["entries"].items():
         assert entry["source"] in ("heuristic", "compiled", "measured"), key
@@ -86,16 +87,16 @@ def test_candidates_are_valid():
 
 def test_shipped_entries_are_in_the_pruned_search_space():
     """Every unmeasured entry's tiles compiled spill-free (``--prune`` wrote both)."""
-    spaces = tuning.load_search_space()
-    for key, entry in tuning.load_table().items():
+    spaces = blocks.load_search_space()
+    for key, entry in blocks.load_table().items():
         arch = tuning.arch_of(key.split("|")[0])
-        space = spaces.get(tuning.search_space_key(arch, int(key.split("|")[1][1:]),
+        space = spaces.get(blocks.search_space_key(arch, int(key.split("|")[1][1:]),
                                                    key.split("|")[2]))
         if entry["source"] == "measured" or space is None:
             continue
         bs = BlockSizes(**entry["block_sizes"])
-        assert list(tuning.fwd_part(bs)) in space["fwd"], key
-        assert list(tuning.bwd_part(bs)) in space["bwd"], key
+        assert list(blocks.fwd_part(bs)) in space["fwd"], key
+        assert list(blocks.bwd_part(bs)) in space["bwd"], key
 
 
 def test_search_space_prunes_candidates(tmp_path):
@@ -103,9 +104,9 @@ def test_search_space_prunes_candidates(tmp_path):
     full = tuning.candidates(64, "bfloat16", path=path)      # no search space: everything
     assert full == tuning.candidates(64, "bfloat16", pruned=False)
     keep = full[3]
-    tuning.write_search_space(tuning.search_space_key("sm_90a", 64, "bfloat16"),
-                              {"fwd": [list(tuning.fwd_part(keep))],
-                               "bwd": [list(tuning.bwd_part(keep))], "stats": {}}, path)
+    tuning.write_search_space(blocks.search_space_key("sm_90a", 64, "bfloat16"),
+                              {"fwd": [list(blocks.fwd_part(keep))],
+                               "bwd": [list(blocks.bwd_part(keep))], "stats": {}}, path)
     assert tuning.candidates(64, "bfloat16", path=path) == [keep]
     assert tuning.candidates(64, "bfloat16", arch="sm_80", path=path) == full   # not pruned
     assert tuning.candidates(64, "float16", path=path) == tuning.candidates(
@@ -115,11 +116,11 @@ def test_search_space_prunes_candidates(tmp_path):
 
 def test_compiled_entries_refuse_a_spilling_heuristic(tmp_path):
     path = str(tmp_path / "table.json")
-    key = tuning.table_key(H100, 2048, 2048, 64, "bfloat16", False)
-    bs = tuning.heuristic_block_sizes(H100, 2048, 2048, 64, "bfloat16", False)
+    key = blocks.table_key(H100, 2048, 2048, 64, "bfloat16", False)
+    bs = blocks.heuristic_block_sizes(H100, 2048, 2048, 64, "bfloat16", False)
     tuning.write_entries({key: {"block_sizes": dataclasses.asdict(bs), "source": "heuristic"}},
                          path)
-    f, b = list(tuning.fwd_part(bs)), list(tuning.bwd_part(bs))
+    f, b = list(blocks.fwd_part(bs)), list(blocks.bwd_part(bs))
     stats = {"fwd:" + ",".join(map(str, f)): {"spill_bytes": 0},
              "bwd:" + ",".join(map(str, b)): {"spill_bytes": 0}}
     space = {"fwd": [f], "bwd": [b], "stats": stats, "masks": ["padding"], "triton": "3.9.0",
@@ -134,7 +135,7 @@ def test_compiled_entries_refuse_a_spilling_heuristic(tmp_path):
 def test_heuristic_avoids_the_spilling_h64_forward_tile():
     """128x64 at 4 warps spills under masks on sm_90a (test_compile checks the real thing)."""
     for dtype in ("bfloat16", "float16"):
-        bs = tuning.heuristic_block_sizes(H100, 4096, 4096, 64, dtype, False)
+        bs = blocks.heuristic_block_sizes(H100, 4096, 4096, 64, dtype, False)
         assert (bs.block_q, bs.block_k, bs.num_warps) == (128, 64, 8)
 
 
@@ -156,3 +157,33 @@ def test_autotune_on_gpu_small(tmp_path):
                               verbose=False)
     (entry,) = entries.values()
     assert entry["source"] == "measured" and entry["fwd_ms"] > 0
+
+
+def test_kernel_modules_import_each_other_without_a_cycle():
+    """Every import between pallas_kernels modules, lazy ones included, forms a DAG."""
+    import ast
+    import pathlib
+    root = pathlib.Path(blocks.__file__).parent
+    mods = {p.stem for p in root.glob("*.py") if p.stem != "__init__"}
+    edges = {}
+    for m in mods:
+        deps = set()
+        for node in ast.walk(ast.parse((root / f"{m}.py").read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module == "jt5.pallas_kernels":
+                deps |= {a.name for a in node.names if a.name in mods}
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith(
+                    "jt5.pallas_kernels."):
+                deps.add(node.module.split(".")[2])
+        edges[m] = deps - {m}
+    assert {"flash_attention", "blocks"} <= edges["tuning"]   # the parse sees the imports
+    state = {}
+
+    def visit(m, path):
+        assert state.get(m) != "open", f"import cycle: {' -> '.join(path + [m])}"
+        if state.get(m) is None:
+            state[m] = "open"
+            for d in edges[m]:
+                visit(d, path + [m])
+            state[m] = "done"
+    for m in sorted(mods):
+        visit(m, [])
