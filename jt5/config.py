@@ -101,13 +101,17 @@ class T5Config:
             raise ValueError("a longt5 model has 'local' or 'transient-global' encoder attention, "
                              "not 'full'")
         if t == "transient-global" and self.relative_bias_per_layer:
-            # (Other checkpoints get LongT5's global table and norms from their own
-            # parameters when loaded: jt5.longt5.to_transient_global.)
             raise ValueError(
                 "encoder_attention_type='transient-global' derives its global bias from the "
                 "stack's one shared relative bias table; a model with a table per layer "
                 f"({self.model_type}) has none. Use 'local' (optionally with num_global_tokens) "
                 "as a long-input approximation instead")
+        if t == "transient-global" and self.model_type != "longt5":
+            raise ValueError(
+                f"encoder_attention_type='transient-global' is LongT5's: use "
+                f"model_type='longt5'. A {self.model_type} checkpoint loaded with it "
+                f"(from_pretrained, jt5.load) becomes a LongT5 model whose global bias table and "
+                f"norms are initialised from its own parameters (jt5.longt5.to_transient_global)")
         if self.local_radius < 0 or self.global_block_size < 1 or self.num_global_tokens < 0:
             raise ValueError(f"need local_radius >= 0, global_block_size >= 1, num_global_tokens "
                              f">= 0; got {self.local_radius}, {self.global_block_size}, "

@@ -12,14 +12,21 @@ input: the SUM of the block's (normed) hidden states (``_create_global_aggregate
 layer's own ``global_input_layer_norm`` and projected by the layer's k/v. Side keys carry a bias
 by block distance from a second per-stack table (``compute_side_bias``,
 ``global_relative_attention_bias``, built by the first layer and shared like the local one), and
-the query attends over local and side keys in ONE softmax. The kernels take no extra keys with
-their own bias, so this attention always runs the dense XLA path (``jt5.pallas_kernels.reference``),
-also under ``attention="pallas"``.
+the query attends over local and side keys in ONE softmax: densely for short inputs on the XLA
+path (``GlobalPlan`` with the ``[B, N, S, S+G]`` bias and mask), otherwise in memory linear in
+the length, the local window and the side keys computed apart and merged through their
+log-sum-exps (``global_attention``; under ``attention="pallas"`` the window runs on the flash
+kernel).
+
+Checkpoints without LongT5's global parameters (T5, Flan-T5, mT5, LongT5-local) get them
+initialised from their own when loaded with ``encoder_attention_type="transient-global"``
+(``to_transient_global``): an approximation, measured in benchmarks/long_input.py.
 """
 from __future__ import annotations
 
 import functools
 import math
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -76,10 +83,31 @@ def global_block_ids(is_token, block: int):
 
 @struct.dataclass
 class GlobalPlan:
-    """What every transient-global layer of one encoder pass shares (built once per stack)."""
-    block_onehot: jax.Array  # [B, S, G] float32: token s belongs to global block g
-    bias: jax.Array          # [1|B, N, S, S+G] float32: local bias, then side bias
-    mask: jax.Array          # [B, 1, S, S+G] bool: local window + padding, then side mask
+    """What every transient-global layer of one encoder pass shares (built once per stack).
+
+    ``impl="dense"``: the ``[B, N, S, S+G]`` bias and mask (short inputs; the tested oracle).
+    ``"chunked"`` / ``"pallas"``: nothing ``[S, S]``-sized, block ids and tables only
+    (``global_attention``)."""
+    block_onehot: Optional[jax.Array] = None  # [B, S, G] float32: token s is in global block g
+    bias: Optional[jax.Array] = None  # [1|B, N, S, S+G] float32: local bias, then side bias
+    mask: Optional[jax.Array] = None  # [B, 1, S, S+G] bool: local window + padding, then side
+    block_ids: Optional[jax.Array] = None   # [B, S] int32 (-1: padding), global_block_ids
+    side_valid: Optional[jax.Array] = None  # [B, G] bool
+    is_token: Optional[jax.Array] = None    # [1|B, S] bool
+    local_bias: Optional[ops.RelativeBias] = None
+    global_bias: Optional[ops.RelativeBias] = None
+    impl: str = struct.field(pytree_node=False, default="dense")
+    local_radius: int = struct.field(pytree_node=False, default=0)
+
+
+def global_impl(config: T5Config, length: int) -> str:
+    """``"dense"`` below the XLA path's switch-over (``ops.CHUNKED_MIN_ELEMENTS`` query x key
+    positions, side keys included), ``"chunked"`` above it; ``"pallas"`` under the kernels."""
+    impl = ops.resolve_impl(config.attention)
+    if impl == "pallas":
+        return "pallas"
+    keys = length + length // config.global_block_size
+    return "chunked" if length * keys >= ops.CHUNKED_MIN_ELEMENTS else "dense"
 
 
 def make_global_plan(config: T5Config, mask: ops.Mask, length: int, local_bias: ops.RelativeBias,
@@ -91,6 +119,12 @@ def make_global_plan(config: T5Config, mask: ops.Mask, length: int, local_bias: 
     seg = mask.kv_segment_ids
     is_token = (jnp.ones((1, S), bool) if seg is None else jnp.asarray(seg) != 0)
     ids, valid = global_block_ids(is_token, g)
+    impl = global_impl(config, S)
+    if impl != "dense":
+        return GlobalPlan(block_ids=ids, side_valid=valid, is_token=is_token,
+                          local_bias=local_bias.replace(bidirectional=True),
+                          global_bias=global_bias.replace(bidirectional=True), impl=impl,
+                          local_radius=config.local_radius)
     B, G = ids.shape[0], valid.shape[1]
     # ids == -1 (padding) matches no block: its row of the one-hot is zero.
     onehot = (ids[:, :, None] == jnp.arange(G, dtype=jnp.int32)[None, None]).astype(jnp.float32)
@@ -103,8 +137,8 @@ def make_global_plan(config: T5Config, mask: ops.Mask, length: int, local_bias: 
     side_bias = side_bias.transpose(0, 3, 1, 2)
     N = loc_bias.shape[1]
     bias = jnp.concatenate([jnp.broadcast_to(loc_bias, (B, N, S, S)), side_bias], axis=-1)
-    loc_mask = reference.dense_mask(ops.Mask(kv_segment_ids=seg, local_window=config.local_radius),
-                                    q_len=S, kv_len=S)
+    loc_mask = reference.dense_mask(
+        ops.Mask(kv_segment_ids=seg, local_window=config.local_radius), q_len=S, kv_len=S)
     side_mask = (is_token[:, :, None] & valid[:, None, :])[:, None]  # [B, 1, S, G]
     full = jnp.concatenate([jnp.broadcast_to(loc_mask, (B, 1, S, S)), side_mask], axis=-1)
     return GlobalPlan(block_onehot=onehot, bias=bias, mask=full)
@@ -120,23 +154,32 @@ def make_global_plan(config: T5Config, mask: ops.Mask, length: int, local_bias: 
 #   local table's row for token distance ``rep(b) * g``, ``rep(b)`` the bucket's representative
 #   block distance: the distance itself for exact buckets, the rounded geometric mean of the
 #   bucket's distances (capped at ``max_distance``) for logarithmic ones (``global_bucket_rows``).
+#   "mass" adds ``log(g)`` (a side key standing for the g tokens it sums, at their average
+#   score); measured worse than without it ("distance", the default).
 # * the global norm's scale (``global_norm``): the side key's input is the RMS-normalised SUM of
-#   the block's normed tokens, i.e. unit RMS, while the layer's own keys see ``x / rms(x) * s``
-#   (``s``: the pre-attention norm's scale), of RMS ~``rms(s)``. ``rms(s)`` on every channel
-#   gives side inputs the magnitude of ordinary ones without weighting their channels by ``s``
-#   a second time (``s`` itself would apply it twice; ones would leave them ``1 / rms(s)`` too
-#   large or small). Measured against both in benchmarks/long_input.py (RESULTS.md).
-GLOBAL_NORM_INITS = ("rms", "scale", "ones")
+#   the block's normed tokens. "ones" leaves it at unit RMS (the default: measured best); "rms"
+#   gives it the RMS ``rms(s)`` of the layer's own key inputs ``x / rms(x) * s``; "scale" uses
+#   ``s`` itself (weighing the channels by ``s`` twice; measured worst). Measurements:
+#   benchmarks/long_input.py, RESULTS.md ("Long inputs").
+GLOBAL_NORM_INITS = ("ones", "rms", "scale")
+GLOBAL_BIAS_INITS = ("distance", "mass")
 _ENCODER_FIELDS = ("encoder_attention_type", "local_radius", "global_block_size")
+
+
+def _buckets(rel, num_buckets: int, max_distance: int) -> np.ndarray:
+    """T5's bidirectional buckets of static offsets ``rel`` (numpy, also while tracing)."""
+    with jax.ensure_compile_time_eval():
+        return np.asarray(spec.relative_position_bucket(
+            np.asarray(rel, np.int32), bidirectional=True, num_buckets=num_buckets,
+            max_distance=max_distance), np.int32)
 
 
 def global_bucket_rows(*, num_buckets: int, max_distance: int, global_block_size: int):
     """``[K]`` int32: the local table's row that global bucket ``b`` starts from (see above).
 
     Buckets no block distance reaches keep their own row."""
-    kw = dict(bidirectional=True, num_buckets=num_buckets, max_distance=max_distance)
     d = np.arange(-max_distance, max_distance + 1, dtype=np.int32)
-    buckets = np.asarray(spec.relative_position_bucket(d, **kw))
+    buckets = _buckets(d, num_buckets, max_distance)
     rep = np.arange(num_buckets, dtype=np.int64)  # placeholder for unreached buckets
     reached = np.zeros(num_buckets, bool)
     for b in range(num_buckets):
@@ -147,19 +190,25 @@ def global_bucket_rows(*, num_buckets: int, max_distance: int, global_block_size
         sign = 1 if ds[0] > 0 else -1
         rep[b] = sign * (lo if lo == hi else int(round(math.sqrt(lo * hi))))
         reached[b] = True
-    rows = np.asarray(spec.relative_position_bucket(
-        np.asarray(rep * global_block_size, np.int32), **kw))
+    rows = _buckets(rep * global_block_size, num_buckets, max_distance)
     return np.where(reached, rows, np.arange(num_buckets)).astype(np.int32)
 
 
-def global_table_from_local(table, *, max_distance: int, global_block_size: int):
-    """``[K, N]`` global bias table from a stack's ``[K, N]`` bidirectional relative table."""
+def global_table_from_local(table, *, max_distance: int, global_block_size: int,
+                            init: str = "distance"):
+    """``[K, N]`` global bias table from a stack's ``[K, N]`` bidirectional relative table
+    (``init``: one of ``GLOBAL_BIAS_INITS``, see above)."""
+    if init not in GLOBAL_BIAS_INITS:
+        raise ValueError(f"global bias init {init!r} must be one of {GLOBAL_BIAS_INITS}")
     rows = global_bucket_rows(num_buckets=table.shape[0], max_distance=max_distance,
                               global_block_size=global_block_size)
-    return jnp.take(table, jnp.asarray(rows), axis=0)
+    out = jnp.take(table, jnp.asarray(rows), axis=0)
+    if init == "mass":
+        out = (out.astype(jnp.float32) + math.log(global_block_size)).astype(table.dtype)
+    return out
 
 
-def global_norm_scale_from(scale, how: str = "rms"):
+def global_norm_scale_from(scale, how: str = "ones"):
     """The global norm's ``[D]`` scale from the layer's pre-attention norm scale ``[D]``."""
     if how == "rms":
         rms = jnp.sqrt(jnp.mean(jnp.square(scale.astype(jnp.float32))))
@@ -171,15 +220,20 @@ def global_norm_scale_from(scale, how: str = "rms"):
     raise ValueError(f"global norm init {how!r} must be one of {GLOBAL_NORM_INITS}")
 
 
-def to_transient_global(model, *, global_norm_init: str = "rms", **encoder_fields):
-    """``model`` with transient-global encoder attention (``encoder_fields``: ``local_radius``,
-    ``global_block_size``); parameters it lacks are initialised from its own (see above),
-    all others are the same arrays (nothing is copied). A transient-global model just takes the
-    new fields."""
+def to_transient_global(model, *, global_norm_init: str = "ones",
+                        global_bias_init: str = "distance",
+                        **encoder_fields):
+    """``model`` as a LongT5 transient-global model (``encoder_fields``: ``local_radius``,
+    ``global_block_size``); parameters it lacks are initialised from its own (see above), all
+    others are the same arrays (nothing is copied). ``save_pretrained`` then writes a LongT5
+    checkpoint. A transient-global model just takes the new fields."""
     from jt5.model import abstract_model  # jt5.model imports this module
 
     cfg = model.config
-    new = cfg.replace(**{**encoder_fields, "encoder_attention_type": "transient-global"})
+    if cfg.relative_bias_per_layer:
+        cfg.replace(encoder_attention_type="transient-global")  # raises, naming the reason
+    new = cfg.replace(**{**encoder_fields, "encoder_attention_type": "transient-global",
+                         "model_type": "longt5"})
     if new == cfg:
         return model
     old = dict(nnx.to_flat_state(nnx.state(model)))
@@ -190,7 +244,8 @@ def to_transient_global(model, *, global_norm_init: str = "rms", **encoder_field
         if path == ("encoder", "global_relpos", "table"):
             src = old[("encoder", "relpos", "table")].get_value()
             return global_table_from_local(src, max_distance=new.relative_attention_max_distance,
-                                           global_block_size=new.global_block_size), src
+                                           global_block_size=new.global_block_size,
+                                           init=global_bias_init), src
         if path[:2] == ("encoder", "layers") and path[3:] == ("self_attn", "global_norm", "scale"):
             src = old[path[:3] + ("self_attn_norm", "scale")].get_value()
             return global_norm_scale_from(src, global_norm_init), src
@@ -218,9 +273,9 @@ def accepts_transient_global(load):
         if kw.get("encoder_attention_type") != "transient-global":
             return load(*args, **kw)
         fields = {k: kw.pop(k) for k in _ENCODER_FIELDS if k in kw}
-        init = kw.pop("global_norm_init", "rms")
+        inits = {k: kw.pop(k) for k in ("global_norm_init", "global_bias_init") if k in kw}
         fields = {k: v for k, v in fields.items() if v is not None}
-        return to_transient_global(load(*args, **kw), global_norm_init=init, **fields)
+        return to_transient_global(load(*args, **kw), **inits, **fields)
     return wrapped
 
 
@@ -232,6 +287,11 @@ class TransientGlobalSelfAttention(_Attention):
         self.global_norm = RMSNorm(config, rngs=rngs)
 
     def __call__(self, x, plan: GlobalPlan):
+        if plan.impl != "dense":
+            side = self.project_kv(self.global_norm(block_sums(x, plan)))
+            kv = self.project_kv(x)
+            return self.project_out(global_attention(self.project_q(x), kv.k, kv.v, side.k,
+                                                     side.v, plan))
         # Block sums in float32 (up to global_block_size tokens), then the layer's own norm.
         sums = jnp.einsum("BSD,BSG->BGD", x.astype(jnp.float32), plan.block_onehot)
         side = self.project_kv(self.global_norm(sums))
@@ -240,3 +300,152 @@ class TransientGlobalSelfAttention(_Attention):
         v = jnp.concatenate([kv.v, side.v], axis=1)
         y = reference.attend_dense(self.project_q(x), k, v, plan.bias, plan.mask)
         return self.project_out(y)
+
+
+# -- transient-global in linear memory -------------------------------------------------------
+# The two key sets of one softmax, computed apart and merged through their log-sum-exps
+# (``merge_lse``): the local window (``local_window_attention``; under "pallas" the flash
+# kernel, which skips the key blocks outside the window) and the G = S / global_block_size side
+# keys (``side_attention``), each over query chunks (``lax.map`` of ``jax.checkpoint``-ed
+# chunks): memory O(S (block_q + 2 radius + G)) per chunk step, i.e. linear in S at a fixed
+# block size, forward and backward. Equal to the dense plan up to float32 rounding
+# (tests/test_longt5.py).
+_SIDE_CHUNK_ELEMENTS = 1 << 19  # side part: query chunk x G score elements per head
+
+
+def block_sums(x, plan: GlobalPlan):
+    """``[B, S, D] -> [B, G, D]`` float32: each global block's sum (padding in none)."""
+    B, S, D = x.shape
+    G = plan.side_valid.shape[1]
+    ids = jnp.broadcast_to(plan.block_ids, (B, S))
+    rows = jnp.broadcast_to(jnp.arange(B, dtype=jnp.int32)[:, None], (B, S))
+    return jnp.zeros((B, G, D), jnp.float32).at[rows, jnp.where(ids < 0, G, ids)].add(
+        x.astype(jnp.float32), mode="drop")
+
+
+def _softmax_stats(s, mask, v):
+    """Scores ``[B, N, T, K]`` (masked to ``mask``) and values ``[B, N, K, H]`` -> ``(out
+    [B, N, T, H] float32, lse [B, N, T] float32)``; rows with no visible key: 0 and MASK_VALUE."""
+    s = jnp.where(mask, s, spec.MASK_VALUE)
+    m = jax.lax.stop_gradient(jnp.max(s, axis=-1, keepdims=True))
+    p = jnp.where(mask, jnp.exp(s - m), 0.0)
+    l = jnp.sum(p, axis=-1)
+    out = jnp.einsum("BNTK,BNKH->BNTH", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    out = out / jnp.where(l == 0.0, 1.0, l)[..., None]
+    lse = jnp.where(l == 0.0, spec.MASK_VALUE, m[..., 0] + jnp.log(jnp.where(l == 0, 1, l)))
+    return out, lse
+
+
+def merge_lse(a, lse_a, b, lse_b):
+    """One softmax over two key sets from each set's normalised output ``[B, T, N, H]`` and
+    log-sum-exp ``[B, N, T]`` (rows that see neither stay 0)."""
+    m = jax.lax.stop_gradient(jnp.maximum(jnp.maximum(lse_a, lse_b), spec.MASK_VALUE))
+    wa, wb = jnp.exp(lse_a - m), jnp.exp(lse_b - m)
+    den = wa + wb
+    den = jnp.where(den == 0.0, 1.0, den)
+    wa, wb = (jnp.swapaxes(w / den, 1, 2)[..., None] for w in (wa, wb))  # [B, T, N, 1]
+    return wa * a.astype(jnp.float32) + wb * b.astype(jnp.float32)
+
+
+def _heads_major_chunks(x, n: int, size: int):  # [B, n*size, N, H] -> [n, B, N, size, H]
+    B, _, N, H = x.shape
+    return x.reshape(B, n, size, N, H).transpose(1, 0, 3, 2, 4)
+
+
+def _from_chunks(y, S: int):  # [n, B, N, size, ...] -> [B, S, N, ...] / [n, B, N, size] -> ...
+    n, B, N, size = y.shape[:4]
+    if y.ndim == 5:
+        return y.transpose(1, 0, 3, 2, 4).reshape(B, n * size, N, y.shape[-1])[:, :S]
+    return y.transpose(1, 2, 0, 3).reshape(B, N, n * size)[..., :S]
+
+
+def local_window_attention(q, k, v, is_token, bias: ops.RelativeBias, radius: int, *,
+                           block_q: int = 512):
+    """Keys within ``radius`` of each query (and not padding: ``is_token [1|B, S]``), with the
+    bias of their offset -> ``(out [B, S, N, H] float32, lse [B, N, S])``.
+
+    Query chunk ``i`` sees the ``block_q + 2 R`` keys around it, ``R = min(radius, S)``; their
+    offsets are the same for every chunk, so bias and window mask are one ``[N, block_q,
+    block_q + 2R]`` tile."""
+    B, S, N, H = q.shape
+    R = min(radius, S)
+    bq = min(block_q, S)
+    n = -(-S // bq)
+    W = bq + 2 * R
+    pad = ((0, 0), (R, n * bq - S + R), (0, 0), (0, 0))
+    kp, vp = jnp.pad(k, pad), jnp.pad(v, pad)
+    okp = jnp.pad(jnp.broadcast_to(is_token, (B, S)), ((0, 0), pad[1]))
+    idx = jnp.asarray(np.arange(n)[:, None] * bq + np.arange(W)[None])  # [n, W]
+    kw = jnp.take(kp, idx, axis=1).transpose(1, 0, 3, 2, 4)  # [n, B, N, W, H]
+    vw = jnp.take(vp, idx, axis=1).transpose(1, 0, 3, 2, 4)
+    okw = jnp.take(okp, idx, axis=1).transpose(1, 0, 2)  # [n, B, W]
+    rel = np.arange(W)[None] - R - np.arange(bq)[:, None]  # k_pos - q_pos, [bq, W]
+    buckets = _buckets(rel, bias.table.shape[0], bias.max_distance)
+    tile = jnp.take(bias.table.astype(jnp.float32), jnp.asarray(buckets), axis=0)
+    tile = tile.transpose(2, 0, 1)[None]  # [1, N, bq, W]
+    near = jnp.asarray(np.abs(rel) <= R)[None, None]
+    qs = _heads_major_chunks(jnp.pad(q, ((0, 0), (0, n * bq - S), (0, 0), (0, 0))), n, bq)
+
+    @jax.checkpoint
+    def chunk(args):
+        qi, ki, vi, oki = args
+        s = jnp.einsum("BNTH,BNKH->BNTK", qi, ki, preferred_element_type=jnp.float32) + tile
+        return _softmax_stats(s, near & oki[:, None, None, :], vi)
+
+    out, lse = jax.lax.map(chunk, (qs, kw, vw, okw))
+    return _from_chunks(out, S), _from_chunks(lse, S)
+
+
+def side_attention(q, side_k, side_v, plan: GlobalPlan, *, block_q: Optional[int] = None):
+    """Every query against the G side keys, with the global table's bias of ``side index -
+    query block`` and the side mask (real query, valid block) -> ``(out [B, S, N, H] float32,
+    lse [B, N, S])``."""
+    B, S, N, H = q.shape
+    G = side_k.shape[1]
+    if block_q is None:
+        block_q = max(16, min(512, 1 << int(math.log2(max(_SIDE_CHUNK_ELEMENTS // max(G, 1), 1)))))
+    bq = min(block_q, S)
+    n = -(-S // bq)
+    gb = plan.global_bias
+    # Block distances lie in [-G, G] (padding's id -1 included): one row per distance.
+    span = np.arange(-G - 1, G + 1, dtype=np.int32)
+    by_rel = jnp.take(gb.table.astype(jnp.float32),
+                      jnp.asarray(_buckets(span, gb.table.shape[0], gb.max_distance)),
+                      axis=0).T  # [N, 2G + 2]
+    ids = jnp.pad(jnp.broadcast_to(plan.block_ids, (B, S)), ((0, 0), (0, n * bq - S)),
+                  constant_values=-1).reshape(B, n, bq).transpose(1, 0, 2)
+    ok = jnp.pad(jnp.broadcast_to(plan.is_token, (B, S)), ((0, 0), (0, n * bq - S)))
+    ok = ok.reshape(B, n, bq).transpose(1, 0, 2)
+    qs = _heads_major_chunks(jnp.pad(q, ((0, 0), (0, n * bq - S), (0, 0), (0, 0))), n, bq)
+    sk, sv = side_k.transpose(0, 2, 1, 3), side_v.transpose(0, 2, 1, 3)  # [B, N, G, H]
+    valid = plan.side_valid[:, None, None, :]
+    cols = jnp.arange(G, dtype=jnp.int32)
+
+    @jax.checkpoint
+    def chunk(args):
+        qi, ids_i, ok_i = args
+        s = jnp.einsum("BNTH,BNGH->BNTG", qi, sk, preferred_element_type=jnp.float32)
+        rel = cols[None, None, :] - ids_i[:, :, None] + G + 1  # [B, bq, G]
+        s = s + jnp.take(by_rel, rel, axis=1).transpose(1, 0, 2, 3)
+        return _softmax_stats(s, valid & ok_i[:, None, :, None], sv)
+
+    out, lse = jax.lax.map(chunk, (qs, ids, ok))
+    return _from_chunks(out, S), _from_chunks(lse, S)
+
+
+def global_attention(q, k, v, side_k, side_v, plan: GlobalPlan):
+    """Transient-global attention of ``q, k, v [B, S, N, H]`` and ``side_k, side_v [B, G, N,
+    H]`` in one softmax, in memory linear in S (see above) -> ``[B, S, N, H]`` in q's dtype."""
+    if plan.impl == "pallas":  # the flash kernel skips the key blocks outside the window
+        from jt5.pallas_kernels import flash_attention  # the kernels import Pallas: lazily
+        B, S = q.shape[:2]
+        seg = jnp.broadcast_to(plan.is_token, (B, S)).astype(jnp.int32)
+        loc, lse_loc = flash_attention(
+            q, k, v, ops.Mask(kv_segment_ids=seg, local_window=plan.local_radius),
+            plan.local_bias, interpret=ops._INTERPRET.get(),  # as attention_ops.attention
+            return_lse=True)
+    else:
+        loc, lse_loc = local_window_attention(q, k, v, plan.is_token, plan.local_bias,
+                                              plan.local_radius)
+    side, lse_side = side_attention(q, side_k, side_v, plan)
+    return merge_lse(loc, lse_loc, side, lse_side).astype(q.dtype)
