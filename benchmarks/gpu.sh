@@ -1,17 +1,19 @@
 #!/usr/bin/env bash
-# The one command to run when a GPU is lent (under 8 minutes on an H100/H200, start-up aside):
+# The one command to run when a GPU is lent (under 9 minutes on an H100/H200, start-up aside):
 #
 #   benchmarks/gpu.sh OUT_DIR          # or: OUT=/path benchmarks/gpu.sh
 #   benchmarks/gpu.sh --dry-run DIR    # CPU, tiny sizes, interpret mode: proves the script works
 #
-# Steps, each under its own timeout (and all under GPU_SH_BUDGET_S, default 450 s) so that one
+# Steps, each under its own timeout (and all under GPU_SH_BUDGET_S, default 540 s) so that one
 # hang cannot eat the budget; a failing step is recorded and the next one runs:
 #   gpu_tests   pytest -m gpu (compiled kernels vs interpret mode vs the reference)
 #   autotune    bounded autotune (time budget) that rewrites pallas_kernels/tuning_table.json
 #               (a copy lands in OUT_DIR); the steps after it use the new table
 #   attention   benchmarks/attention.py: jt5 vs Pallas mha (no bias, a ceiling), cuDNN and XLA
 #               with a dense bias; fwd/bwd TFLOP/s and memory, T=S 512..32k, D=64, bf16
-#   encoder     T5-base encoder bf16 at 512 and 8k tokens: jt5 (pallas, xla) vs transformers SDPA
+#   encoder     T5-base encoder bf16 at 512 and 8k tokens: jt5 (pallas, xla) vs transformers SDPA;
+#               then long inputs (benchmarks/long_encoder.py): T5-base bf16, full / local /
+#               transient-global attention at 16k, 64k and 128k tokens (time, memory)
 #   generate    benchmarks/generate.py, t5-base bf16, jt5 vs transformers
 #   train       benchmarks/train.py: T5-base UL2 train step, tokens/s and MFU, pallas vs xla
 # Everything goes to OUT_DIR: STEP.log per step, the benchmarks' JSON and markdown,
@@ -30,7 +32,7 @@ cd "$(dirname "$0")/.."
 export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}"
 PY="${PYTHON:-python}"
 # The dry run's limits only catch hangs: a loaded CI machine may take several times its ~70 s.
-DEADLINE=$((SECONDS + ${GPU_SH_BUDGET_S:-$(( DRY ? 1500 : 450 ))}))
+DEADLINE=$((SECONDS + ${GPU_SH_BUDGET_S:-$(( DRY ? 1500 : 540 ))}))
 : > "$OUT_DIR/steps.tsv"
 
 # step NAME TIMEOUT_S CMD...: run CMD with its output in NAME.log, at most TIMEOUT_S seconds
@@ -61,8 +63,11 @@ if (( DRY )); then
   step autotune 300 "$PY" -m jt5.pallas_kernels.tuning --show
   step attention 300 "$PY" benchmarks/attention.py --cpu-small --lengths 128 --modes decoder \
     --repeats 1 --json "$OUT_DIR/attention.json" --markdown "$OUT_DIR/attention.md"
-  step encoder 300 "$PY" benchmarks/attention.py --cpu-small --encoder tiny --lengths 64 \
-    --json "$OUT_DIR/encoder.json" --markdown "$OUT_DIR/encoder.md"
+  step encoder 300 bash -c '"$1" benchmarks/attention.py --cpu-small --encoder tiny --lengths 64 \
+    --json "$2/encoder.json" --markdown "$2/encoder.md" &&
+    "$1" benchmarks/long_encoder.py --in-process --model tiny --attention pallas --lengths 128 \
+    --impls jt5 jt5-local jt5-tglobal --local-radius 15 --global-block-size 4 --repeats 1 \
+    --json "$2/long_encoder.json" --markdown "$2/long_encoder.md"' _ "$PY" "$OUT_DIR"
   step generate 300 "$PY" benchmarks/generate.py --models tiny --batch 2 --strategies greedy \
     --input-len 16 --new-tokens 4 --repeats 1 --json "$OUT_DIR/generate.json"
   step train 300 "$PY" benchmarks/train.py --preset tiny --steps 1 --warmup 1 --batch-size 2 \
@@ -74,8 +79,11 @@ else
   cp pallas_kernels/tuning_table.json "$OUT_DIR/tuning_table.json"
   step attention 110 "$PY" benchmarks/attention.py --lengths 512,2048,8192,32768 --repeats 10 \
     --json "$OUT_DIR/attention.json" --markdown "$OUT_DIR/attention.md"
-  step encoder 60 "$PY" benchmarks/attention.py --encoder t5-base --lengths 512,8192 --repeats 5 \
-    --json "$OUT_DIR/encoder.json" --markdown "$OUT_DIR/encoder.md"
+  step encoder 150 bash -c '"$1" benchmarks/attention.py --encoder t5-base --lengths 512,8192 \
+    --repeats 5 --json "$2/encoder.json" --markdown "$2/encoder.md" &&
+    "$1" benchmarks/long_encoder.py --in-process --model t5-base --dtype bfloat16 \
+    --attention pallas --impls jt5 jt5-local jt5-tglobal --lengths 16384 65536 131072 \
+    --repeats 3 --json "$2/long_encoder.json" --markdown "$2/long_encoder.md"' _ "$PY" "$OUT_DIR"
   step generate 55 "$PY" benchmarks/generate.py --models t5-base --batch 1,16 \
     --strategies greedy --dtype bfloat16 --repeats 2 --json "$OUT_DIR/generate.json"
   step train 70 "$PY" benchmarks/train.py --steps 5 --warmup 1 --json "$OUT_DIR/train.json"
@@ -97,7 +105,7 @@ json.dump({"dry_run": dry, "env": env, "python": platform.python_version(), "ste
 md = [f"# benchmarks/gpu.sh{' --dry-run' if dry else ''}", "", env, "",
       "| step | status | seconds | detail |", "|---|---|---|---|"]
 md += [f"| {s['step']} | {s['status']} | {s['seconds']} | {s['detail']} |" for s in steps]
-for name in ("attention", "encoder"):
+for name in ("attention", "encoder", "long_encoder"):
     p = os.path.join(out, f"{name}.md")
     if os.path.exists(p):
         md += ["", f"## {name}", "", open(p).read().strip()]
