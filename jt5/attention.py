@@ -6,25 +6,19 @@ bridge reshapes transformers' ``[N*H, D]`` Linear weights). T5 does not scale sc
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import Optional
 
-import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from jt5 import attention_ops as ops
+from jt5.cache import KV
 from jt5.config import T5Config
 from jt5.layers import compute_dtype, init_std_attention, param, residual_dtype
 from jt5.relpos import RelativePositionBias
 from jt5.sharding import constrain
 
 _HEADS = ("batch", "length", "act_heads", "act_kv")
-
-
-class KV(NamedTuple):
-    """Keys and values of one attention layer, ``[B, S, N, H]`` each."""
-    k: jax.Array
-    v: jax.Array
 
 
 class _Attention(nnx.Module):
@@ -45,7 +39,7 @@ class _Attention(nnx.Module):
         dt = self.dtype
         return constrain(jnp.einsum("BTD,DNH->BTNH", x.astype(dt), self.q[...].astype(dt)), _HEADS)
 
-    def project_kv(self, x) -> KV:  # [B,S,D] -> 2 x [B,S,N,H]
+    def project_kv(self, x) -> KV:  # [B,S,D] -> 2 x [B,S,N,H] (layout BSNH)
         dt = self.dtype
         x = x.astype(dt)
         k = jnp.einsum("BSD,DNH->BSNH", x, self.k[...].astype(dt))
@@ -67,57 +61,44 @@ class EncoderSelfAttention(_Attention):
 
     def __call__(self, x, plan: ops.Plan):
         if self.relpos is not None:
-            plan = ops.with_bias(plan, self.relpos(), q_len=x.shape[1], kv_len=x.shape[1])
-        kv = self.project_kv(x)
-        return self.project_out(ops.attention(self.project_q(x), kv.k, kv.v, plan))
+            plan = ops.with_bias(plan, self.relpos())
+        return self.project_out(ops.attention(self.project_q(x), self.project_kv(x), plan))
 
 
 class DecoderSelfAttention(_Attention):
-    """Causal self-attention with unidirectional buckets; ``step`` decodes one token from a cache."""
+    """Causal self-attention, unidirectional buckets; ``step`` decodes tokens from a cache."""
 
     def __init__(self, config: T5Config, *, rngs: nnx.Rngs):
         super().__init__(config, rngs=rngs)
         self.relpos = (RelativePositionBias(config, bidirectional=False, rngs=rngs)
                        if config.relative_bias_per_layer else None)
 
-    def _plan(self, plan, q_len, kv_len):
-        if self.relpos is None:
-            return plan
-        return ops.with_bias(plan, self.relpos(), q_len=q_len, kv_len=kv_len)
+    def _plan(self, plan):
+        return plan if self.relpos is None else ops.with_bias(plan, self.relpos())
 
     def __call__(self, x, plan: ops.Plan):
-        kv = self.project_kv(x)
-        plan = self._plan(plan, x.shape[1], x.shape[1])
-        return self.project_out(ops.attention(self.project_q(x), kv.k, kv.v, plan))
+        y = ops.attention(self.project_q(x), self.project_kv(x), self._plan(plan))
+        return self.project_out(y)
 
-    def step(self, x, cache: KV, index, plan: ops.Plan, *, heads_major: bool = False):
-        """``x: [B, T, D]`` written at positions ``index .. index+T-1`` of the preallocated cache.
-
-        ``plan`` masks cache slots beyond the written ones and carries ``q_offset = index``.
-        ``heads_major``: the cache is ``[B, N, L, H]``. Returns the output and the updated cache.
-        """
-        new = self.project_kv(x)
-        axis = 2 if heads_major else 1
-        nk, nv = ((t.transpose(0, 2, 1, 3) for t in new) if heads_major else new)
-        k = jax.lax.dynamic_update_slice_in_dim(cache.k, nk.astype(cache.k.dtype), index, axis)
-        v = jax.lax.dynamic_update_slice_in_dim(cache.v, nv.astype(cache.v.dtype), index, axis)
-        plan = self._plan(plan, x.shape[1], k.shape[axis])
-        y = ops.attention(self.project_q(x), k.astype(self.dtype), v.astype(self.dtype), plan,
-                          kv_heads_major=heads_major)
-        return self.project_out(y), KV(k, v)
+    def step(self, x, cache: KV, index, plan: ops.Plan):
+        """``x: [B, T, D]`` written at positions ``index .. index+T-1`` of the preallocated cache
+        (in its own layout). ``plan`` masks cache slots beyond the written ones and carries
+        ``q_offset = index``. Returns the output and the updated cache."""
+        kv = cache.write(self.project_kv(x), index)
+        y = ops.attention(self.project_q(x), kv.astype(self.dtype), self._plan(plan))
+        return self.project_out(y), kv
 
 
 class CrossAttention(_Attention):
     """Decoder-to-encoder attention: no position bias (T5 §2.1), keys masked by encoder padding."""
 
-    def __call__(self, x, encoded, plan: ops.Plan, kv: Optional[KV] = None, *,
-                 heads_major: bool = False):
+    def __call__(self, x, encoded, plan: ops.Plan, kv: Optional[KV] = None):
         """``kv``: keys/values of ``encoded`` computed once (decoding); else computed here.
 
         ``x`` may hold ``g`` consecutive rows per encoder row (beams, or several samples of
         one input): they attend as ``g·T`` query rows of that encoder row, so the cross K/V are
-        stored and read once per input rather than once per beam. ``heads_major``: ``kv`` is
-        ``[B, N, S, H]`` (a decoding cache on the XLA path).
+        stored and read once per input rather than once per beam. ``kv`` may be in either
+        layout (a decoding cache's).
         """
         if kv is None:
             kv = self.project_kv(encoded)
@@ -126,6 +107,5 @@ class CrossAttention(_Attention):
         B = kv.k.shape[0]
         if R % B:
             raise ValueError(f"{R} decoder rows do not group over {B} encoder rows")
-        y = ops.attention(q.reshape(B, (R // B) * T, N, H), kv.k.astype(self.dtype),
-                          kv.v.astype(self.dtype), plan, kv_heads_major=heads_major)
+        y = ops.attention(q.reshape(B, (R // B) * T, N, H), kv.astype(self.dtype), plan)
         return self.project_out(y.reshape(R, T, N, H))

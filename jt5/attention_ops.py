@@ -1,13 +1,18 @@
-"""The ONE attention dispatch the model calls: ``impl="xla" | "pallas" | "auto"``.
+"""The ONE attention dispatch the model calls: ``attention="xla" | "pallas" | "auto"``.
 
-A stack (encoder or decoder) builds a :class:`Plan` once per forward pass — mask, bias spec,
-query offset — and every layer calls :func:`attention` with it. On the XLA path the plan holds the
-dense ``[1, N, T, S]`` bias and ``[B, 1, T, S]`` mask, computed once per stack rather than per
-layer (T5 shares one bias table per stack) — up to ``CHUNKED_MIN_ELEMENTS`` query x key
-positions; above that the XLA path runs ``jt5.pallas_kernels.chunked`` (online softmax over query x
-key chunks, memory linear in the length, forward and backward). On the Pallas path nothing dense
-is ever built: the kernels compute the bias from the ``[K, N]`` table and skip masked blocks
-from segment ids.
+Each implementation of the contract is an :class:`Impl`: ``prepare`` runs once per stack
+(encoder or decoder) and returns its own pytree of what every layer shares, ``attend`` runs per
+layer, ``kv_layout`` is the decoding cache layout it wants (``jt5.cache.KV``). A stack builds a
+:class:`Plan` (mask, bias, query offset, the implementation and its prepared state) with
+:func:`make_plan`; every layer calls :func:`attention` with it.
+
+- :class:`XLA`: dense ``[1, N, T, S]`` bias and ``[B, 1, T, S]`` mask prepared once per stack
+  (T5 shares one bias table per stack); cache heads-major ``[B, N, S, H]``.
+- :class:`Chunked`: the XLA path from ``CHUNKED_MIN_ELEMENTS`` query x key positions on
+  (``jt5.pallas_kernels.chunked``: online softmax over chunks, memory linear in the length,
+  forward and backward); nothing prepared.
+- :class:`Pallas`: the kernels compute the bias from the ``[K, N]`` table and skip masked blocks
+  from segment ids; nothing dense is ever built. One query row runs flash-decoding.
 
 Semantics of masks, bias and ``q_offset`` are those of ``pallas_kernels/spec.py``, whose ``Mask``
 and ``RelativeBias`` this module re-exports; every implementation takes them as they are.
@@ -16,18 +21,21 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-from typing import Optional
+import dataclasses
+from typing import Any, ClassVar, Optional
 
 import jax
 import jax.numpy as jnp
 from flax import struct
 
+from jt5.cache import KV
 from jt5.config import ATTENTION_IMPLS
 from jt5.pallas_kernels import reference
 from jt5.pallas_kernels.spec import Mask, RelativeBias
 
-__all__ = ["Mask", "RelativeBias", "Plan", "make_plan", "with_bias", "attention",
-           "cache_heads_major", "pallas_interpret", "resolve_impl", "segment_ids_from_mask"]
+__all__ = ["Mask", "RelativeBias", "Impl", "XLA", "Chunked", "Pallas", "Plan", "make_plan",
+           "with_bias", "attention", "kv_layout", "pallas_interpret", "resolve_impl",
+           "segment_ids_from_mask"]
 
 # T x S from which the XLA path attends in chunks. Measured on a 2-core CPU (B=1, N=8, H=64,
 # float32, with bias; benchmarks/RESULTS.md "Long inputs"): chunks of 512 are 0.7x the dense
@@ -61,65 +69,135 @@ def resolve_impl(impl: str) -> str:
     return impl
 
 
+class Impl:
+    """One implementation of the attention contract. A new one (e.g. cuDNN through
+    ``jax.nn.dot_product_attention``) is a subclass and a line in :func:`implementation`."""
+    name: ClassVar[str]
+    kv_layout: ClassVar[str] = "BSNH"   # the decoding cache layout it wants (jt5.cache.KV)
+
+    def prepare(self, mask: Mask, bias: Optional[RelativeBias], *, q_len: int, kv_len: int,
+                q_offset, state=None) -> Any:
+        """A pytree every layer of a stack shares (None: nothing). ``state``: an earlier result
+        for the same mask, redone for another bias only (UMT5's per-layer tables)."""
+        return None
+
+    def attend(self, q, kv: KV, plan: "Plan"):
+        """``[B, T, N, H]`` queries over ``kv`` -> ``[B, T, N, H]`` (T5: no 1/sqrt(H))."""
+        raise NotImplementedError
+
+
+@struct.dataclass
+class DenseTerms:
+    """The XLA path's per-stack state: the dense bias and mask of ``reference``."""
+    bias: Optional[jax.Array]  # [1, N, T, S] float32
+    mask: Optional[jax.Array]  # [B|1, 1, T, S] bool
+
+
+@dataclasses.dataclass(frozen=True)
+class XLA(Impl):
+    """Dense attention by XLA (``reference.attend_dense``); reads a heads-major cache in place."""
+    name: ClassVar[str] = "xla"
+    kv_layout: ClassVar[str] = "BNSH"
+
+    def prepare(self, mask, bias, *, q_len, kv_len, q_offset, state=None):
+        dense_mask = (reference.dense_mask(mask, q_len=q_len, kv_len=kv_len, q_offset=q_offset)
+                      if state is None else state.mask)
+        dense_bias = (None if bias is None else
+                      reference.dense_bias(bias, q_len=q_len, kv_len=kv_len, q_offset=q_offset))
+        return DenseTerms(bias=dense_bias, mask=dense_mask)
+
+    def attend(self, q, kv, plan):
+        st = plan.state
+        if kv.layout == "BSNH":
+            return reference.attend_dense(q, kv.k, kv.v, st.bias, st.mask)
+        # [B, N, S, H]: the matmuls read the cache in place (no transpose of the whole cache)
+        s = jnp.einsum("BNTH,BNSH->BNTS", q.transpose(0, 2, 1, 3), kv.k,
+                       preferred_element_type=jnp.float32)
+        p, _ = reference.masked_softmax(s, st.bias, st.mask)
+        o = jnp.einsum("BNTS,BNSH->BNTH", p.astype(kv.v.dtype), kv.v,
+                       preferred_element_type=jnp.float32)
+        return o.transpose(0, 2, 1, 3).astype(q.dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class Chunked(Impl):
+    """The XLA path for long inputs: ``jt5.pallas_kernels.chunked`` in chunks of ``block``."""
+    name: ClassVar[str] = "chunked"
+    block: int = 512
+
+    def attend(self, q, kv, plan):
+        from jt5.pallas_kernels.chunked import chunked_attention
+        kv = kv.to("BSNH")
+        return chunked_attention(q, kv.k, kv.v, plan.mask, plan.bias, q_offset=plan.q_offset,
+                                 block_q=self.block, block_k=self.block)
+
+
+@dataclasses.dataclass(frozen=True)
+class Pallas(Impl):
+    """The Pallas kernels: flash attention, flash-decoding for one query row."""
+    name: ClassVar[str] = "pallas"
+
+    def attend(self, q, kv, plan):
+        m, b, off = plan.mask, plan.bias, plan.q_offset
+        kv = kv.to("BSNH")
+        if q.shape[1] == 1 and m.local_window is None and not m.num_global_tokens:
+            # One query row (a decode step): flash-decoding, split-K over the cache.
+            from jt5.pallas_kernels.decode_attention import decode_attention
+            return decode_attention(q, kv.k, kv.v, m, b, q_offset=off, interpret=_INTERPRET.get())
+        from jt5.pallas_kernels import flash_attention  # imports Pallas: load on first use
+        return flash_attention(q, kv.k, kv.v, m, b, q_offset=off, interpret=_INTERPRET.get())
+
+
+def implementation(impl: str, q_len: int = 1, kv_len: int = 1) -> Impl:
+    """The implementation for ``attention=impl`` and these lengths: ``xla`` is chunked from
+    ``CHUNKED_MIN_ELEMENTS`` query x key positions on (more than one query row)."""
+    impl = resolve_impl(impl)
+    if impl == "pallas":
+        return Pallas()
+    if q_len > 1 and q_len * kv_len >= CHUNKED_MIN_ELEMENTS:
+        return Chunked(CHUNK)  # nothing [T, S]-sized: bias and mask are made per chunk
+    return XLA()
+
+
+def kv_layout(impl: str) -> str:
+    """The decoding cache layout of ``attention=impl`` (``XLA``: heads-major ``[B, N, S, H]``;
+    in ``[B, S, N, H]`` its matmuls would transpose the whole cache at every step, 4-5x slower
+    attention on a CPU; the kernels: ``[B, S, N, H]``)."""
+    return implementation(impl).kv_layout
+
+
 @struct.dataclass
 class Plan:
+    """What every layer of one stack shares: the spec objects, the implementation and its
+    prepared state (``impl.prepare``)."""
     mask: Mask
     bias: Optional[RelativeBias]
     q_offset: jax.Array | int
-    impl: str = struct.field(pytree_node=False, default="xla")  # xla | chunked | pallas
-    dense_bias: Optional[jax.Array] = None  # xla only: [1, N, T, S] float32
-    dense_mask: Optional[jax.Array] = None  # xla only: [B|1, 1, T, S] bool
-
-
-def cache_heads_major(impl: str) -> bool:
-    """Layout of a decoding KV cache: ``[B, N, S, H]`` on the XLA path, ``[B, S, N, H]`` for the
-    kernels. XLA's batched matmul wants (B, N) leading; in the kernels' layout it would copy
-    (transpose) the whole cache at every decoding step (4-5x slower attention on a CPU)."""
-    return resolve_impl(impl) == "xla"
+    impl: Impl = struct.field(pytree_node=False)
+    q_len: int = struct.field(pytree_node=False)
+    kv_len: int = struct.field(pytree_node=False)
+    state: Any = None
 
 
 def make_plan(*, impl: str, q_len: int, kv_len: int, mask: Mask,
               bias: Optional[RelativeBias] = None, q_offset=0) -> Plan:
-    impl = resolve_impl(impl)
-    if impl == "xla" and q_len > 1 and q_len * kv_len >= CHUNKED_MIN_ELEMENTS:
-        impl = "chunked"  # nothing [T, S]-sized: bias and mask are made per chunk
-    plan = Plan(mask=mask, bias=None, q_offset=q_offset, impl=impl)
-    if impl == "xla":
-        plan = plan.replace(dense_mask=reference.dense_mask(mask, q_len=q_len, kv_len=kv_len,
-                                                            q_offset=q_offset))
-    return with_bias(plan, bias, q_len=q_len, kv_len=kv_len)
+    """The plan of one stack: ``implementation(impl, q_len, kv_len)`` and its prepared state."""
+    chosen = implementation(impl, q_len, kv_len)
+    state = chosen.prepare(mask, bias, q_len=q_len, kv_len=kv_len, q_offset=q_offset)
+    return Plan(mask=mask, bias=bias, q_offset=q_offset, impl=chosen, q_len=q_len,
+                kv_len=kv_len, state=state)
 
 
-def with_bias(plan: Plan, bias: Optional[RelativeBias], *, q_len: int, kv_len: int) -> Plan:
+def with_bias(plan: Plan, bias: Optional[RelativeBias]) -> Plan:
     """The same plan with another bias table (UMT5 has one per layer)."""
-    dense = None
-    if bias is not None and plan.impl == "xla":
-        dense = reference.dense_bias(bias, q_len=q_len, kv_len=kv_len, q_offset=plan.q_offset)
-    return plan.replace(bias=bias, dense_bias=dense)
+    state = plan.impl.prepare(plan.mask, bias, q_len=plan.q_len, kv_len=plan.kv_len,
+                              q_offset=plan.q_offset, state=plan.state)
+    return plan.replace(bias=bias, state=state)
 
 
-def attention(q, k, v, plan: Plan, *, kv_heads_major: bool = False):
-    """``[B,T,N,H] x [B,S,N,H] x [B,S,N,H] -> [B,T,N,H]`` (T5: no 1/sqrt(H) scaling).
-
-    ``kv_heads_major``: K/V laid out ``[B, N, S, H]`` — the XLA path's decoding cache (see
-    ``cache_heads_major``); the kernels take ``[B, S, N, H]``.
-    """
-    if plan.impl == "xla":
-        return reference.attend_dense(q, k, v, plan.dense_bias, plan.dense_mask,
-                                      kv_heads_major=kv_heads_major)
-    if kv_heads_major:
-        raise ValueError(f"the {plan.impl} attention takes K/V as [B, S, N, H], not heads-major")
-    m, b, off = plan.mask, plan.bias, plan.q_offset
-    if plan.impl == "chunked":
-        from jt5.pallas_kernels.chunked import chunked_attention
-        return chunked_attention(q, k, v, m, b, q_offset=off, block_q=CHUNK, block_k=CHUNK)
-    if q.shape[1] == 1 and m.local_window is None and not m.num_global_tokens:
-        # One query row (a decode step): flash-decoding, split-K over the cache.
-        from jt5.pallas_kernels.decode_attention import decode_attention
-        return decode_attention(q, k, v, m, b, q_offset=off, interpret=_INTERPRET.get())
-    from jt5.pallas_kernels import flash_attention  # the kernels import Pallas; load on first use
-
-    return flash_attention(q, k, v, m, b, q_offset=off, interpret=_INTERPRET.get())
+def attention(q, kv: KV, plan: Plan):
+    """``[B, T, N, H]`` queries over ``kv`` (any layout) -> ``[B, T, N, H]``."""
+    return plan.impl.attend(q, kv, plan)
 
 
 def segment_ids_from_mask(attention_mask, length: int, batch: int):

@@ -13,7 +13,7 @@ from flax import nnx
 from jt5 import attention_ops as ops
 from jt5 import longt5, weights
 from jt5.attention import KV, CrossAttention, DecoderSelfAttention, EncoderSelfAttention
-from jt5.cache import Cache, empty_self_kv
+from jt5.cache import Cache, empty_kv
 from jt5.config import T5Config
 from jt5.generation_config import GenerationConfig
 from jt5.layers import MLP, Embed, RMSNorm, dropout, lm_logits, param, residual_dtype
@@ -60,9 +60,8 @@ class DecoderLayer(nnx.Module):
         self.mlp_norm = RMSNorm(config, rngs=rngs)
         self.mlp = MLP(config, rngs=rngs)
 
-    def _tail(self, x, encoded, cross_plan, cross_kv, rngs, deterministic, heads_major=False):
-        h = self.cross_attn(self.cross_attn_norm(x), encoded, cross_plan, kv=cross_kv,
-                            heads_major=heads_major)
+    def _tail(self, x, encoded, cross_plan, cross_kv, rngs, deterministic):
+        h = self.cross_attn(self.cross_attn_norm(x), encoded, cross_plan, kv=cross_kv)
         x = constrain(x + dropout(h, self.rate, rngs, deterministic), _ACT)
         h = self.mlp(self.mlp_norm(x), rngs=rngs, deterministic=deterministic)
         return constrain(x + dropout(h, self.rate, rngs, deterministic), _ACT)
@@ -72,12 +71,10 @@ class DecoderLayer(nnx.Module):
         x = constrain(x + dropout(h, self.rate, rngs, deterministic), _ACT)
         return self._tail(x, encoded, cross_plan, None, rngs, deterministic)
 
-    def step(self, x, self_kv: KV, cross_kv: KV, index, self_plan, cross_plan, *,
-             heads_major: bool):
-        h, self_kv = self.self_attn.step(self.self_attn_norm(x), self_kv, index, self_plan,
-                                         heads_major=heads_major)
+    def step(self, x, self_kv: KV, cross_kv: KV, index, self_plan, cross_plan):
+        h, self_kv = self.self_attn.step(self.self_attn_norm(x), self_kv, index, self_plan)
         x = x + h
-        return self._tail(x, None, cross_plan, cross_kv, None, True, heads_major), self_kv
+        return self._tail(x, None, cross_plan, cross_kv, None, True), self_kv
 
 
 class Encoder(nnx.Module):
@@ -147,8 +144,7 @@ class Decoder(nnx.Module):
         x = x.astype(residual_dtype(cfg))
         new_kv = []
         for layer, skv, ckv in zip(self.layers, cache.self_kv, cache.cross_kv):
-            x, skv = layer.step(x, skv, ckv, index, self_plan, cross_plan,
-                                heads_major=cache.heads_major)
+            x, skv = layer.step(x, skv, ckv, index, self_plan, cross_plan)
             new_kv.append(skv)
         return self.final_norm(x), cache.replace(self_kv=tuple(new_kv))
 
@@ -266,19 +262,13 @@ class T5ForConditionalGeneration(nnx.Module):
         cfg = self.config
         B, S, _ = encoded.shape
         dt = jnp.dtype(cfg.dtype)
-        heads_major = ops.cache_heads_major(cfg.attention)
-
-        def layout(t):
-            return (t.transpose(0, 2, 1, 3) if heads_major else t).astype(dt)
-
-        cross = tuple(KV(*map(layout, layer.cross_attn.project_kv(encoded)))
+        layout = ops.kv_layout(cfg.attention)  # the attention implementation's cache layout
+        cross = tuple(layer.cross_attn.project_kv(encoded).to(layout).astype(dt)
                       for layer in self.decoder.layers)
-        selfkv = tuple(empty_self_kv(B * rows_per_input, max_length, cfg.num_heads, cfg.d_kv, dt,
-                                     heads_major=heads_major)
-                       for _ in self.decoder.layers)
+        selfkv = tuple(empty_kv(B * rows_per_input, max_length, cfg.num_heads, cfg.d_kv, dt,
+                                layout) for _ in self.decoder.layers)
         return Cache(self_kv=selfkv, cross_kv=cross,
-                     encoder_segment_ids=ops.segment_ids_from_mask(attention_mask, S, B),
-                     heads_major=heads_major)
+                     encoder_segment_ids=ops.segment_ids_from_mask(attention_mask, S, B))
 
     def decode_step(self, tokens, cache: Cache, index):
         """``tokens: [B, T]`` at positions ``index..index+T-1`` -> (logits ``[B, T, V]``, cache)."""

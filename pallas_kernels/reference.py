@@ -46,44 +46,39 @@ def dense_mask(mask: Mask, *, q_len: int, kv_len: int, q_offset=0, kv_offset=0):
                    None if kv_ids is None else jnp.asarray(kv_ids)[:, None, None, :], mask)
 
 
-def attend_dense(q, k, v, bias=None, mask=None, *, sm_scale: float = 1.0,
-                 kv_heads_major: bool = False, return_lse: bool = False):
-    """Softmax attention with an additive float32 ``bias`` ``[1|B, N, T, S]`` and a boolean ``mask``.
-
-    Scores and softmax in float32; the output in ``q.dtype``. Rows without a visible key give 0.
-    ``kv_heads_major``: K/V are stored ``[B, N, S, H]`` (a decoding cache): the matmuls then
-    read them in place instead of transposing the whole cache at every step. ``return_lse``:
-    also the float32 ``[B, N, T]`` log-sum-exp of the visible scores (``MASK_VALUE`` for rows
-    without a visible key), differentiable.
-    """
-    if kv_heads_major:
-        s = jnp.einsum("BNTH,BNSH->BNTS", q.transpose(0, 2, 1, 3), k,
-                       preferred_element_type=jnp.float32)
-    else:
-        s = jnp.einsum("BTNH,BSNH->BNTS", q, k, preferred_element_type=jnp.float32)
-    if sm_scale != 1.0:
-        s = s * sm_scale
+def masked_softmax(s, bias=None, mask=None):
+    """``(p, lse)``: softmax over the last axis of float32 scores ``s`` plus ``bias``, over the
+    keys ``mask`` shows. Rows without a visible key get ``p = 0`` and ``lse = MASK_VALUE``;
+    ``lse`` (the scores' log-sum-exp, the last axis dropped) is differentiable."""
     if bias is not None:
         s = s + bias
     if mask is not None:
         s = jnp.where(mask, s, MASK_VALUE)
-    m = jnp.max(s, axis=-1, keepdims=True)
-    p = jnp.exp(s - jax.lax.stop_gradient(m))
+    m = jax.lax.stop_gradient(jnp.max(s, axis=-1, keepdims=True))  # keeps exp() in range only
+    p = jnp.exp(s - m)
     if mask is not None:
         p = jnp.where(mask, p, 0.0)
     l = jnp.sum(p, axis=-1, keepdims=True)
     l_safe = jnp.where(l == 0.0, 1.0, l)
-    p = p / l_safe
-    if kv_heads_major:
-        o = jnp.einsum("BNTS,BNSH->BNTH", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
-        o = o.transpose(0, 2, 1, 3).astype(q.dtype)
-    else:
-        o = jnp.einsum("BNTS,BSNH->BTNH", p.astype(v.dtype), v,
-                       preferred_element_type=jnp.float32).astype(q.dtype)
-    if not return_lse:
-        return o
-    lse = jax.lax.stop_gradient(m) + jnp.log(l_safe)
-    return o, jnp.where(l == 0.0, MASK_VALUE, lse)[..., 0]
+    lse = jnp.where(l == 0.0, MASK_VALUE, m + jnp.log(l_safe))[..., 0]
+    return p / l_safe, lse
+
+
+def attend_dense(q, k, v, bias=None, mask=None, *, sm_scale: float = 1.0,
+                 return_lse: bool = False):
+    """Softmax attention plus a float32 ``bias`` ``[1|B, N, T, S]`` under a boolean ``mask``.
+
+    Scores and softmax in float32; the output in ``q.dtype``. Rows without a visible key give 0.
+    ``return_lse``: also the float32 ``[B, N, T]`` log-sum-exp of the visible scores
+    (``MASK_VALUE`` for rows without a visible key), differentiable.
+    """
+    s = jnp.einsum("BTNH,BSNH->BNTS", q, k, preferred_element_type=jnp.float32)
+    if sm_scale != 1.0:
+        s = s * sm_scale
+    p, lse = masked_softmax(s, bias, mask)
+    o = jnp.einsum("BNTS,BSNH->BTNH", p.astype(v.dtype), v,
+                   preferred_element_type=jnp.float32).astype(q.dtype)
+    return (o, lse) if return_lse else o
 
 
 def attention_reference(q, k, v, mask: Optional[Mask] = None,

@@ -118,7 +118,7 @@ def test_model_switches_to_chunks_with_the_same_logits_and_gradients(monkeypatch
     monkeypatch.setattr(attention_ops, "CHUNKED_MIN_ELEMENTS", 2)
     monkeypatch.setattr(attention_ops, "CHUNK", 16)
     plan = attention_ops.make_plan(impl="xla", q_len=70, kv_len=70, mask=attention_ops.Mask())
-    assert plan.impl == "chunked" and plan.dense_mask is None and plan.dense_bias is None
+    assert plan.impl == attention_ops.Chunked(16) and plan.state is None  # nothing dense
     chunked_loss, chunked_grads = run()
     np.testing.assert_allclose(chunked_loss, dense_loss, rtol=1e-5)
     for p, g in dense_grads.items():

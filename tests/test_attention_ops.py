@@ -1,0 +1,51 @@
+"""The attention implementations behind ``attention_ops``: each one, over K/V in either cache
+layout, equals the dense oracle; a plan re-prepared for another bias (UMT5) equals a fresh one."""
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jt5 import attention_ops as ops
+from jt5.cache import KV
+from jt5.pallas_kernels.reference import attention_reference
+from tests.conftest import assert_close
+
+B, T, S, N, H = 2, 5, 40, 2, 16
+
+
+def _inputs(seed=0):
+    r = np.random.default_rng(seed)
+    q, k, v = (jnp.asarray(r.normal(size=(B, L, N, H)), jnp.float32) for L in (T, S, S))
+    seg = np.ones((B, S), np.int32)
+    seg[1, 30:] = 0
+    return q, k, v, jnp.asarray(r.normal(size=(32, N)), jnp.float32), jnp.asarray(seg)
+
+
+@pytest.mark.parametrize("impl", [ops.XLA(), ops.Chunked(16), ops.Pallas()],
+                         ids=lambda i: i.name)
+@pytest.mark.parametrize("layout", ["BSNH", "BNSH"])
+def test_every_implementation_over_either_layout_equals_the_oracle(impl, layout):
+    q, k, v, table, seg = _inputs()
+    mask = ops.Mask(kv_segment_ids=seg, causal=True)
+    bias = ops.RelativeBias(table, bidirectional=False)
+    state = impl.prepare(mask, bias, q_len=T, kv_len=S, q_offset=20)
+    plan = ops.Plan(mask=mask, bias=bias, q_offset=20, impl=impl, q_len=T, kv_len=S, state=state)
+    with ops.pallas_interpret(True):
+        out = ops.attention(q, KV(k, v).to(layout), plan)
+    want = attention_reference(q, k, v, mask, bias, q_offset=20)
+    assert_close(out, want, dtype="float32", check="attention", what=f"{impl.name} {layout}")
+
+
+def test_with_bias_equals_a_plan_made_with_that_bias():
+    q, k, v, table, seg = _inputs(1)
+    mask = ops.Mask(kv_segment_ids=seg)
+    other = ops.RelativeBias(2.0 * table)
+    plan = ops.with_bias(ops.make_plan(impl="xla", q_len=T, kv_len=S, mask=mask,
+                                       bias=ops.RelativeBias(table)), other)
+    fresh = ops.make_plan(impl="xla", q_len=T, kv_len=S, mask=mask, bias=other)
+    np.testing.assert_array_equal(plan.state.bias, fresh.state.bias)
+    np.testing.assert_array_equal(plan.state.mask, fresh.state.mask)
+    assert_close(ops.attention(q, KV(k, v), plan), attention_reference(q, k, v, mask, other),
+                 dtype="float32", check="attention", what="with_bias")
+
