@@ -99,6 +99,12 @@ def load(path, cls=None, *, dtype: Optional[str] = None, param_dtype: Optional[s
     from jt5 import weights
     from jt5.model import T5EncoderModel, T5ForConditionalGeneration
 
+    if config_overrides.get("encoder_attention_type") == "transient-global":
+        # A checkpoint without LongT5's global parameters loads as stored, then gets them.
+        from jt5 import longt5
+        return longt5.accepts_transient_global(load)(
+            path, cls, dtype=dtype, param_dtype=param_dtype, attention=attention,
+            shardings=shardings, progress=progress, **config_overrides)
     src = locate(path)
     overrides = dict(config_overrides, dtype=dtype, param_dtype=param_dtype, attention=attention)
     if src.kind == "hf":

@@ -376,6 +376,27 @@ def test_transient_global_init_options(tmp_path, bias, norm):
         jt5.T5ForConditionalGeneration.from_pretrained(tmp_path, global_norm_init="x", **kw)
 
 
+def test_jt5_load_converts_every_format(tmp_path):
+    """jt5.load: a transformers directory and a jt5 checkpoint of the same T5 give the model
+    from_pretrained gives."""
+    from jt5 import weights
+    hf_models.build("t5-v1_1", tmp_path / "t5")
+    kw = dict(attention="xla", encoder_attention_type="transient-global", local_radius=5,
+              global_block_size=4)
+    ref = jt5.T5ForConditionalGeneration.from_pretrained(tmp_path / "t5", **kw)
+    weights.save_native(jt5.T5ForConditionalGeneration.from_pretrained(tmp_path / "t5"),
+                        tmp_path / "native")
+    want = dict(nnx.to_flat_state(nnx.state(ref, nnx.Param)))
+    for src in ("t5", "native"):
+        got = jt5.load(tmp_path / src, **kw)
+        assert got.config == ref.config, src
+        flat = dict(nnx.to_flat_state(nnx.state(got, nnx.Param)))
+        assert flat.keys() == want.keys()
+        for p, v in want.items():
+            np.testing.assert_array_equal(np.asarray(flat[p].get_value()),
+                                          np.asarray(v.get_value()), err_msg=f"{src} {p}")
+
+
 def test_transient_global_conversion_keeps_a_tglobal_checkpoint(tmp_path):
     """A LongT5-tglobal checkpoint keeps its trained global parameters under the override."""
     hf_models.build("longt5-tglobal", tmp_path)
