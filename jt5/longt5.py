@@ -227,7 +227,7 @@ def to_transient_global(model, *, global_norm_init: str = "ones",
     ``global_block_size``); parameters it lacks are initialised from its own (see above), all
     others are the same arrays (nothing is copied). ``save_pretrained`` then writes a LongT5
     checkpoint. A transient-global model just takes the new fields."""
-    from jt5.model import abstract_model  # jt5.model imports this module
+    from jt5.weights import abstract_model  # (jt5.model imports this module)
 
     cfg = model.config
     if cfg.relative_bias_per_layer:
