@@ -121,15 +121,22 @@ class XLA(Impl):
 
 @dataclasses.dataclass(frozen=True)
 class Chunked(Impl):
-    """The XLA path for long inputs: ``jt5.pallas_kernels.chunked`` in chunks of ``block``."""
+    """The XLA path for long inputs: ``jt5.pallas_kernels.chunked`` in chunks of ``block``
+    (``window_attention`` for a local window, ``chunked_attention`` for everything else)."""
     name: ClassVar[str] = "chunked"
     block: int = 512
 
     def attend(self, q, kv, plan):
-        from jt5.pallas_kernels.chunked import chunked_attention
+        from jt5.pallas_kernels import chunked
         kv = kv.to("BSNH")
-        return chunked_attention(q, kv.k, kv.v, plan.mask, plan.bias, q_offset=plan.q_offset,
-                                 block_q=self.block, block_k=self.block)
+        if chunked.windowed(plan.mask, q.shape[1], kv.k.shape[1], plan.q_offset):
+            # A local window (LongT5, local attention on T5): one tile of offsets per chunk.
+            out, _ = chunked.window_attention(q, kv.k, kv.v, plan.mask, plan.bias,
+                                              block_q=self.block)
+            return out.astype(q.dtype)
+        return chunked.chunked_attention(q, kv.k, kv.v, plan.mask, plan.bias,
+                                         q_offset=plan.q_offset, block_q=self.block,
+                                         block_k=self.block)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -37,7 +37,7 @@ from jt5 import attention_ops as ops
 from jt5.attention import _Attention
 from jt5.config import T5Config
 from jt5.layers import RMSNorm
-from jt5.pallas_kernels import reference, spec
+from jt5.pallas_kernels import chunked, reference, spec
 
 
 def encoder_mask(config: T5Config, mask: ops.Mask) -> ops.Mask:
@@ -304,8 +304,8 @@ class TransientGlobalSelfAttention(_Attention):
 
 # -- transient-global in linear memory -------------------------------------------------------
 # The two key sets of one softmax, computed apart and merged through their log-sum-exps
-# (``merge_lse``): the local window (``local_window_attention``; under "pallas" the flash
-# kernel, which skips the key blocks outside the window) and the G = S / global_block_size side
+# (``chunked.merge_lse``): the local window (``chunked.window_attention``; under "pallas" the
+# flash kernel, which skips the key blocks outside the window) and the G = S / global_block_size side
 # keys (``side_attention``), each over query chunks (``lax.map`` of ``jax.checkpoint``-ed
 # chunks): memory O(S (block_q + 2 radius + G)) per chunk step, i.e. linear in S at a fixed
 # block size, forward and backward. Equal to the dense plan up to float32 rounding
@@ -321,79 +321,6 @@ def block_sums(x, plan: GlobalPlan):
     rows = jnp.broadcast_to(jnp.arange(B, dtype=jnp.int32)[:, None], (B, S))
     return jnp.zeros((B, G, D), jnp.float32).at[rows, jnp.where(ids < 0, G, ids)].add(
         x.astype(jnp.float32), mode="drop")
-
-
-def _softmax_stats(s, mask, v):
-    """Scores ``[B, N, T, K]`` (masked to ``mask``) and values ``[B, N, K, H]`` -> ``(out
-    [B, N, T, H] float32, lse [B, N, T] float32)``; rows with no visible key: 0 and MASK_VALUE."""
-    s = jnp.where(mask, s, spec.MASK_VALUE)
-    m = jax.lax.stop_gradient(jnp.max(s, axis=-1, keepdims=True))
-    p = jnp.where(mask, jnp.exp(s - m), 0.0)
-    l = jnp.sum(p, axis=-1)
-    out = jnp.einsum("BNTK,BNKH->BNTH", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
-    out = out / jnp.where(l == 0.0, 1.0, l)[..., None]
-    lse = jnp.where(l == 0.0, spec.MASK_VALUE, m[..., 0] + jnp.log(jnp.where(l == 0, 1, l)))
-    return out, lse
-
-
-def merge_lse(a, lse_a, b, lse_b):
-    """One softmax over two key sets from each set's normalised output ``[B, T, N, H]`` and
-    log-sum-exp ``[B, N, T]`` (rows that see neither stay 0)."""
-    m = jax.lax.stop_gradient(jnp.maximum(jnp.maximum(lse_a, lse_b), spec.MASK_VALUE))
-    wa, wb = jnp.exp(lse_a - m), jnp.exp(lse_b - m)
-    den = wa + wb
-    den = jnp.where(den == 0.0, 1.0, den)
-    wa, wb = (jnp.swapaxes(w / den, 1, 2)[..., None] for w in (wa, wb))  # [B, T, N, 1]
-    return wa * a.astype(jnp.float32) + wb * b.astype(jnp.float32)
-
-
-def _heads_major_chunks(x, n: int, size: int):  # [B, n*size, N, H] -> [n, B, N, size, H]
-    B, _, N, H = x.shape
-    return x.reshape(B, n, size, N, H).transpose(1, 0, 3, 2, 4)
-
-
-def _from_chunks(y, S: int):  # [n, B, N, size, ...] -> [B, S, N, ...] / [n, B, N, size] -> ...
-    n, B, N, size = y.shape[:4]
-    if y.ndim == 5:
-        return y.transpose(1, 0, 3, 2, 4).reshape(B, n * size, N, y.shape[-1])[:, :S]
-    return y.transpose(1, 2, 0, 3).reshape(B, N, n * size)[..., :S]
-
-
-def local_window_attention(q, k, v, is_token, bias: ops.RelativeBias, radius: int, *,
-                           block_q: int = 512):
-    """Keys within ``radius`` of each query (and not padding: ``is_token [1|B, S]``), with the
-    bias of their offset -> ``(out [B, S, N, H] float32, lse [B, N, S])``.
-
-    Query chunk ``i`` sees the ``block_q + 2 R`` keys around it, ``R = min(radius, S)``; their
-    offsets are the same for every chunk, so bias and window mask are one ``[N, block_q,
-    block_q + 2R]`` tile."""
-    B, S, N, H = q.shape
-    R = min(radius, S)
-    bq = min(block_q, S)
-    n = -(-S // bq)
-    W = bq + 2 * R
-    pad = ((0, 0), (R, n * bq - S + R), (0, 0), (0, 0))
-    kp, vp = jnp.pad(k, pad), jnp.pad(v, pad)
-    okp = jnp.pad(jnp.broadcast_to(is_token, (B, S)), ((0, 0), pad[1]))
-    idx = jnp.asarray(np.arange(n)[:, None] * bq + np.arange(W)[None])  # [n, W]
-    kw = jnp.take(kp, idx, axis=1).transpose(1, 0, 3, 2, 4)  # [n, B, N, W, H]
-    vw = jnp.take(vp, idx, axis=1).transpose(1, 0, 3, 2, 4)
-    okw = jnp.take(okp, idx, axis=1).transpose(1, 0, 2)  # [n, B, W]
-    rel = np.arange(W)[None] - R - np.arange(bq)[:, None]  # k_pos - q_pos, [bq, W]
-    buckets = _buckets(rel, bias.table.shape[0], bias.max_distance)
-    tile = jnp.take(bias.table.astype(jnp.float32), jnp.asarray(buckets), axis=0)
-    tile = tile.transpose(2, 0, 1)[None]  # [1, N, bq, W]
-    near = jnp.asarray(np.abs(rel) <= R)[None, None]
-    qs = _heads_major_chunks(jnp.pad(q, ((0, 0), (0, n * bq - S), (0, 0), (0, 0))), n, bq)
-
-    @jax.checkpoint
-    def chunk(args):
-        qi, ki, vi, oki = args
-        s = jnp.einsum("BNTH,BNKH->BNTK", qi, ki, preferred_element_type=jnp.float32) + tile
-        return _softmax_stats(s, near & oki[:, None, None, :], vi)
-
-    out, lse = jax.lax.map(chunk, (qs, kw, vw, okw))
-    return _from_chunks(out, S), _from_chunks(lse, S)
 
 
 def side_attention(q, side_k, side_v, plan: GlobalPlan, *, block_q: Optional[int] = None):
@@ -416,7 +343,7 @@ def side_attention(q, side_k, side_v, plan: GlobalPlan, *, block_q: Optional[int
                   constant_values=-1).reshape(B, n, bq).transpose(1, 0, 2)
     ok = jnp.pad(jnp.broadcast_to(plan.is_token, (B, S)), ((0, 0), (0, n * bq - S)))
     ok = ok.reshape(B, n, bq).transpose(1, 0, 2)
-    qs = _heads_major_chunks(jnp.pad(q, ((0, 0), (0, n * bq - S), (0, 0), (0, 0))), n, bq)
+    qs = chunked.heads_major_chunks(jnp.pad(q, ((0, 0), (0, n * bq - S), (0, 0), (0, 0))), n, bq)
     sk, sv = side_k.transpose(0, 2, 1, 3), side_v.transpose(0, 2, 1, 3)  # [B, N, G, H]
     valid = plan.side_valid[:, None, None, :]
     cols = jnp.arange(G, dtype=jnp.int32)
@@ -427,25 +354,24 @@ def side_attention(q, side_k, side_v, plan: GlobalPlan, *, block_q: Optional[int
         s = jnp.einsum("BNTH,BNGH->BNTG", qi, sk, preferred_element_type=jnp.float32)
         rel = cols[None, None, :] - ids_i[:, :, None] + G + 1  # [B, bq, G]
         s = s + jnp.take(by_rel, rel, axis=1).transpose(1, 0, 2, 3)
-        return _softmax_stats(s, valid & ok_i[:, None, :, None], sv)
+        return chunked.attend_stats(s, valid & ok_i[:, None, :, None], sv)
 
     out, lse = jax.lax.map(chunk, (qs, ids, ok))
-    return _from_chunks(out, S), _from_chunks(lse, S)
+    return chunked.from_chunks(out, S), chunked.from_chunks(lse, S)
 
 
 def global_attention(q, k, v, side_k, side_v, plan: GlobalPlan):
     """Transient-global attention of ``q, k, v [B, S, N, H]`` and ``side_k, side_v [B, G, N,
     H]`` in one softmax, in memory linear in S (see above) -> ``[B, S, N, H]`` in q's dtype."""
+    B, S = q.shape[:2]
+    local = ops.Mask(kv_segment_ids=jnp.broadcast_to(plan.is_token, (B, S)).astype(jnp.int32),
+                     local_window=plan.local_radius)
     if plan.impl == "pallas":  # the flash kernel skips the key blocks outside the window
         from jt5.pallas_kernels import flash_attention  # the kernels import Pallas: lazily
-        B, S = q.shape[:2]
-        seg = jnp.broadcast_to(plan.is_token, (B, S)).astype(jnp.int32)
-        loc, lse_loc = flash_attention(
-            q, k, v, ops.Mask(kv_segment_ids=seg, local_window=plan.local_radius),
-            plan.local_bias, interpret=ops._INTERPRET.get(),  # as attention_ops.attention
-            return_lse=True)
+        loc, lse_loc = flash_attention(q, k, v, local, plan.local_bias,
+                                       interpret=ops._INTERPRET.get(),  # as attention_ops
+                                       return_lse=True)
     else:
-        loc, lse_loc = local_window_attention(q, k, v, plan.is_token, plan.local_bias,
-                                              plan.local_radius)
+        loc, lse_loc = chunked.window_attention(q, k, v, local, plan.local_bias)
     side, lse_side = side_attention(q, side_k, side_v, plan)
-    return merge_lse(loc, lse_loc, side, lse_side).astype(q.dtype)
+    return chunked.merge_lse(loc, lse_loc, side, lse_side).astype(q.dtype)

@@ -468,13 +468,14 @@ def test_linear_transient_global_equals_dense(monkeypatch, radius, g, block_q, s
     """Local window and side keys apart, merged through their log-sum-exps, in chunks that do
     not divide the length: the dense plan's one softmax, forward and every gradient."""
     import jax
-    from jt5.pallas_kernels import reference
+    from jt5 import attention_ops as ops
+    from jt5.pallas_kernels import chunked, reference
 
     cfg = jt5.preset("tiny", model_type="longt5", encoder_attention_type="transient-global",
                      local_radius=radius, global_block_size=g, num_heads=3, d_kv=8,
                      relative_attention_num_buckets=8, relative_attention_max_distance=20)
     q, k, v, sk, sv, tables, seg = _global_inputs(g=g)
-    S = q.shape[1]
+    B, S = q.shape[:2]
     sk, sv = sk[:, :S // g], sv[:, :S // g]
     if sk.shape[1] < S // g:
         r = np.random.default_rng(1)
@@ -489,10 +490,11 @@ def test_linear_transient_global_equals_dense(monkeypatch, radius, g, block_q, s
 
     def linear_loss(q, k, v, sk, sv, t0, t1):
         _, plan = _plans(monkeypatch, cfg, seg, S, (t0, t1))
-        loc, lse_l = longt5.local_window_attention(q, k, v, plan.is_token, plan.local_bias,
-                                                   plan.local_radius, block_q=block_q)
+        local = ops.Mask(kv_segment_ids=jnp.broadcast_to(plan.is_token, (B, S)).astype(
+            jnp.int32), local_window=plan.local_radius)
+        loc, lse_l = chunked.window_attention(q, k, v, local, plan.local_bias, block_q=block_q)
         side, lse_s = longt5.side_attention(q, sk, sv, plan, block_q=side_q)
-        y = longt5.merge_lse(loc, lse_l, side, lse_s)
+        y = chunked.merge_lse(loc, lse_l, side, lse_s)
         return jnp.sum(y * w), y
 
     args = (q, k, v, sk, sv, *tables)
