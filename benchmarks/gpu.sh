@@ -66,7 +66,7 @@ if (( DRY )); then
   step encoder 300 bash -c '"$1" benchmarks/attention.py --cpu-small --encoder tiny --lengths 64 \
     --json "$2/encoder.json" --markdown "$2/encoder.md" &&
     "$1" benchmarks/long_encoder.py --in-process --model tiny --attention pallas --lengths 128 \
-    --impls jt5 jt5-local jt5-tglobal --local-radius 15 --global-block-size 4 --repeats 1 \
+    --impls jt5-tglobal --local-radius 15 --global-block-size 4 --repeats 1 \
     --json "$2/long_encoder.json" --markdown "$2/long_encoder.md"' _ "$PY" "$OUT_DIR"
   step generate 300 "$PY" benchmarks/generate.py --models tiny --batch 2 --strategies greedy \
     --input-len 16 --new-tokens 4 --repeats 1 --json "$OUT_DIR/generate.json"
