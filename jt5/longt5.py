@@ -305,8 +305,8 @@ class TransientGlobalSelfAttention(_Attention):
 # -- transient-global in linear memory -------------------------------------------------------
 # The two key sets of one softmax, computed apart and merged through their log-sum-exps
 # (``chunked.merge_lse``): the local window (``chunked.window_attention``; under "pallas" the
-# flash kernel, which skips the key blocks outside the window) and the G = S / global_block_size side
-# keys (``side_attention``), each over query chunks (``lax.map`` of ``jax.checkpoint``-ed
+# flash kernel, which skips the key blocks outside the window) and the G = S /
+# global_block_size side keys (``side_attention``), each over query chunks (``lax.map`` of ``jax.checkpoint``-ed
 # chunks): memory O(S (block_q + 2 radius + G)) per chunk step, i.e. linear in S at a fixed
 # block size, forward and backward. Equal to the dense plan up to float32 rounding
 # (tests/test_longt5.py).

@@ -19,11 +19,31 @@ def _is_pow2(x):
     return x >= 16 and x & (x - 1) == 0
 
 
-def test_length_bucket_and_key():
-    assert [blocks.length_bucket(n) for n in (1, 128, 129, 2048, 3000, 10**6)] == [
-        128, 128, 256, 2048, 4096, 32768]
-    key = blocks.table_key(H100, 2000, 77, 64, jnp.bfloat16, True)
-    assert key == "nvidia_h100_80gb_hbm3|H64|bfloat16|causal|T2048|S128"
+def test_length_buckets_cover_every_length_once():
+    """A bucket is the smallest power of two holding the length (between the table's smallest
+    and largest bucket): consecutive lengths change bucket exactly at powers of two."""
+    lo, hi = blocks.length_bucket(1), blocks.length_bucket(10**9)
+    assert lo < hi and _is_pow2(lo) and _is_pow2(hi)
+    prev = None
+    for n in range(1, 4 * hi, 97):
+        b = blocks.length_bucket(n)
+        assert _is_pow2(b) and lo <= b <= hi
+        assert b >= n or b == hi
+        assert b == lo or b // 2 < n
+        assert prev is None or b >= prev
+        prev = b
+
+
+def test_table_keys_tell_apart_what_the_kernels_specialise_on():
+    """Lengths in one bucket share a key; the device (spelling aside), head dim, dtype, causal
+    flag and either length's bucket each make another."""
+    base = dict(device_kind=H100, T=2000, S=77, H=64, dtype=jnp.bfloat16, causal=True)
+    key = blocks.table_key(**base)
+    assert blocks.table_key(**{**base, "T": 1025, "S": 1}) == key
+    assert blocks.table_key(**{**base, "device_kind": "nvidia-h100  80gb hbm3"}) == key
+    for change in ({"device_kind": "NVIDIA H200"}, {"H": 128}, {"dtype": jnp.float16},
+                   {"causal": False}, {"T": 2049}, {"S": 129}):
+        assert blocks.table_key(**{**base, **change}) != key, change
 
 
 @pytest.mark.parametrize("kind", [H100, "NVIDIA H200", "interpret", "cpu", "unknown gpu"])
