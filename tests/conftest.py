@@ -10,6 +10,10 @@ import os
 
 # Tests see 8 CPU devices (sharding tests build 2x2x2 meshes); must precede the first jax import.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# jax's CUDA plugin is installed for the GPU compile checks (deviceless AOT needs no GPU). On a
+# machine without an NVIDIA device it must not try to open one (a cuDNN traceback, then CPU).
+if not os.path.exists("/dev/nvidiactl"):
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
