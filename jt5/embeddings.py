@@ -19,11 +19,10 @@ from __future__ import annotations
 from typing import NamedTuple, Optional, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-POOLINGS = ("mean", "first", "none")
+from jt5.pooling import POOLINGS, pool
 
 
 class Embeddings(NamedTuple):
@@ -106,13 +105,7 @@ def embed(model_or_path, texts: Sequence[str], *, pooling: str = "mean", tokeniz
 
     @jax.jit
     def run(params, ids, mask):
-        h = f(params, ids, mask).astype(jnp.float32)                        # [B, T, D]
-        m = mask[..., None].astype(jnp.float32)
-        if pooling == "mean":
-            return jnp.sum(h * m, axis=1) / jnp.maximum(jnp.sum(m, axis=1), 1.0)
-        if pooling == "first":
-            return h[:, 0]
-        return h * m  # zeros at padding
+        return pool(f(params, ids, mask), mask, pooling)                    # [B, D] | [B, T, D]
 
     shape = (N, D) if pooling != "none" else (N, L, D)
     out = np.zeros(shape, np.float32)
