@@ -107,7 +107,8 @@ def test_version_and_model_help_lists_presets(capsys):
     import jt5
     code, out, _ = run(["--version"], capsys)
     assert code == 0 and out.strip() == f"jt5 {jt5.__version__}"
-    assert cli._preset_names() == tuple(jt5.PRESETS)
+    from jt5.cli.common import preset_names
+    assert preset_names() == tuple(jt5.PRESETS)
     code, out, _ = run(["pretrain", "--help"], capsys)
     assert code == 0
     flat = " ".join(out.split())

@@ -396,9 +396,9 @@ def test_loop_config_fields_cover_the_cli():
     """Every LoopConfig field is reachable from a flag (or is Python-only by design)."""
     python_only = {"progress", "export", "async_checkpoints", "samples_per_kind", "optim"}
     names = {f.name for f in dataclasses.fields(loop.LoopConfig)} - python_only
-    from jt5 import cli
     import argparse
+    from jt5.cli import pretrain
     p = argparse.ArgumentParser()
-    cli._add_pretrain(p)
+    pretrain.add(p)
     dests = {a.dest for a in p._actions} | {"dropout_rate"}
     assert names <= dests | {"model"}, names - dests

@@ -1,0 +1,110 @@
+"""What the subcommands share: the one-line-error parser, argument types, the flags that
+`jt5 pretrain` and `jt5 finetune` spell alike, and running a training loop to its summary line."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+MODEL_DIR = ("a transformers model directory, a jt5 checkpoint directory, or a jt5 pretraining "
+             "run directory (its newest complete checkpoint)")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def preset_names() -> tuple[str, ...]:
+    from jt5.config import PRESETS  # cheap: the jt5 package is already imported to get here
+    return tuple(PRESETS)
+
+
+def attention_impls() -> tuple[str, ...]:
+    from jt5.config import ATTENTION_IMPLS
+    return tuple(ATTENTION_IMPLS)
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: ``error: argument --steps: must be >= 1 (got -5)``."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
+def int_at_least(low: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low} (got {value})")
+        return value
+    parse.__name__ = f"int >= {low}"
+    return parse
+
+
+def float_in(low: float, high: float = float("inf"), *, open_low: bool = False):
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not (low < value if open_low else low <= value) or value > high:
+            lo = f"> {low}" if open_low else f">= {low}"
+            rng = f"{lo} and <= {high}" if high != float("inf") else lo
+            raise argparse.ArgumentTypeError(f"must be {rng} (got {value})")
+        return value
+    parse.__name__ = "number"
+    return parse
+
+
+POSITIVE, NON_NEGATIVE = int_at_least(1), int_at_least(0)
+
+
+def add_sequence_flags(g, *, unit: str):
+    """Tokenizer, lengths, packing and numerics: the same flags for pretrain and finetune."""
+    g.add_argument("--tokenizer", default=None,
+                   help="'byte' (ByT5 bytes) or a transformers tokenizer directory (default: the "
+                        "--model directory's tokenizer if it has one, else byte)")
+    g.add_argument("--inputs-length", type=POSITIVE, default=128,
+                   help="encoder length; longer inputs are truncated (default 128)")
+    g.add_argument("--targets-length", type=POSITIVE, default=32,
+                   help="decoder length; longer targets are truncated (default 32)")
+    g.add_argument("--pack", action=argparse.BooleanOptionalAction, default=True,
+                   help=f"pack several {unit} per row, segment-separated (default: --pack)")
+    g.add_argument("--dtype", choices=DTYPES, default=None,
+                   help="compute dtype; parameters stay float32 (default: bfloat16 on GPU/TPU, "
+                        "float32 on CPU)")
+    g.add_argument("--attention", choices=attention_impls(), default="auto",
+                   help="attention implementation (default auto: pallas on GPU, xla elsewhere)")
+
+
+def add_run_flags(g, *, out: str, save_every: int):
+    """Checkpoint, device and logging flags, spelled as `jt5 pretrain` spells them."""
+    g.add_argument("--out", default=out, help=f"run directory (default {out})")
+    g.add_argument("--mesh", default=None,
+                   help="device mesh, e.g. data=2,fsdp=2,tensor=2 (default: all devices on data)")
+    g.add_argument("--save-every", type=NON_NEGATIVE, default=save_every,
+                   help=f"checkpoint every N steps (0: only at the end), at the end, and on "
+                        f"SIGINT/SIGTERM (default {save_every})")
+    g.add_argument("--keep", type=POSITIVE, default=3, help="checkpoints to keep (default 3)")
+    g.add_argument("--tensorboard", action="store_true",
+                   help="also write TensorBoard events to OUT/tensorboard (needs tensorboardX)")
+    g.add_argument("--no-export", action="store_true", help="skip the export (and evaluation) "
+                   "at the end")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run_training(run, cfg) -> int:
+    """Run a training loop; an interrupt (it saved a checkpoint) exits 130/143, else one summary."""
+    from jt5.train import loop
+
+    try:
+        result = run(cfg)
+    except loop.Interrupted as e:
+        print(e, file=sys.stderr)
+        return e.exit_code
+    if result.history:
+        first, last = result.history[0], result.history[-1]
+        print(f"steps {result.start_step}->{result.step}: loss {first['loss']:.3f} -> "
+              f"{last['loss']:.3f} in {last['elapsed']:.0f}s; run directory {result.out}")
+    else:
+        print(f"nothing to train: {result.out} is already at step {result.step}")
+    return 0
