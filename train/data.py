@@ -36,17 +36,15 @@ mixture, a document with probability proportional to its length, and a random wi
 denoiser's raw length inside it (the whole document if shorter). This is sampling with replacement:
 tokens within one raw length of a document's ends are seen somewhat less often than the middle.
 
-Packing (``pack=True``): candidates are placed first-fit into the step's rows until one fits in no
-row; that one candidate is discarded (a random draw, not a piece of the corpus — sampling is with
-replacement), so at most one draw per step is dropped and nothing is silently truncated. Each raw
-length is chosen so an example fills its inputs or its targets, so packing mostly fills gaps with
-short documents and document tails; ``python -m jt5.train.data`` measures the fill.
-
-Measured (one core of a shared 2-core CPU box, byte tokenizer, builtin corpus, 128 local rows at
-inputs 512 / targets 114, UL2 mixture): ~15-19k examples/s packed (~130-150 batches/s, ~10-12M token
-slots/s), ~27k examples/s unpacked; fill encoder 0.59, decoder 0.95 (at 512/114 the X denoisers
-fill their targets with short inputs, and S prefixes are uniform in length). ``make_examples``
-alone: ~90k examples/s on large batches. Per batch the cost is ~5-7 ms: far below a GPU step.
+Packing (``pack=True``, ``train/packing.py``): candidates are placed in the order drawn, each in
+the row it fits best on both sides (inputs and targets), several per row; the batch ends after a
+few consecutive candidates fit no row (those draws are dropped: random draws, not pieces of the
+corpus). ``min_chunk`` (default 1.0: whole examples only) lets the packer plan shorter chunks for
+the denoisers on the mixture's heavy side and shorten a chunk to fit a gap, down to that fraction
+of the chunk it would take unpacked: the UL2 mixture's whole examples have fewer inputs per
+target than a 512/114 row (more than a 512/512 one), so only shorter chunks fill both sides.
+``python -m jt5.train.data --min-chunk 1 0.25 0.1`` prints the fill table (fill, examples per
+row, realised mixture, chunk lengths kept, examples/s); RESULTS.md has it.
 """
 from __future__ import annotations
 
@@ -67,7 +65,8 @@ import numpy as np
 
 from jt5.tokenizer import Tokenizer, load_tokenizer
 from jt5.train import corpus
-from jt5.train.ul2 import (MODE_NAMES, Denoiser, Examples, SpecialIds, draw_splits, example_lengths,
+from jt5.train.packing import MIN_CHUNK, Candidates, Plan, Shapes, balance_scales, pack
+from jt5.train.ul2 import (MODE_NAMES, Denoiser, Examples, SpecialIds, draw_splits,
                            fit_raw_length, make_examples, mixture_probs, prefix_lm_lengths,
                            resolve_mixture)
 
@@ -96,6 +95,7 @@ class DataConfig:
     batch_size: int = 128
     mixture: Union[str, tuple[Denoiser, ...]] = "ul2"
     pack: bool = True
+    min_chunk: float = MIN_CHUNK
     seed: int = 0
     heldout_documents: int = 8
     max_doc_chars: int = corpus.MAX_CHARS
@@ -117,6 +117,8 @@ class DataConfig:
         for name in ("inputs_length", "targets_length", "batch_size"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be positive")
+        if not 0.0 < self.min_chunk <= 1.0:
+            raise ValueError(f"min_chunk={self.min_chunk} must be in (0, 1] (1: whole examples only)")
         if self.seed < 0 or self.heldout_documents < 0:
             raise ValueError(f"seed={self.seed} and heldout_documents={self.heldout_documents} "
                              "must be >= 0")
@@ -286,6 +288,21 @@ def batch_stats(batch: dict) -> dict:
                 examples_per_row=float(enc.max(axis=1).mean()), examples=int(enc.max(axis=1).sum()))
 
 
+class _Draws(NamedTuple):
+    which: np.ndarray      # [C] denoiser index
+    doc: np.ndarray        # [C] index into the token store's documents
+    position: np.ndarray   # [C] float in [0, 1): where the window lies in the document
+    length: np.ndarray     # [C] the whole chunk (document-limited)
+    split: np.ndarray      # [C] S prefix length of the whole chunk, -1 for span corruption
+
+
+class Packed(NamedTuple):
+    batch: dict
+    plan: Plan
+    which: np.ndarray      # [E] denoiser of each placed example (plan order)
+    whole: np.ndarray      # [E] the chunk it would have taken unpacked (plan.length <= whole)
+
+
 class Prompt(NamedTuple):
     """A held-out example for sample outputs: generate from ``inputs``, compare with ``targets``."""
     denoiser: Denoiser
@@ -314,7 +331,12 @@ class Pipeline:
         self.raw_lengths = np.array([
             fit_raw_length(d, config.inputs_length, config.targets_length, len(self.specials.sentinels),
                            int(d.mode is not None)) for d in self.mixture], np.int64)
+        self.shapes = Shapes(self.mixture, config.inputs_length, config.targets_length,
+                             len(self.specials.sentinels))
         self._is_s = np.array([d.kind == "S" for d in self.mixture])
+        # S prefixes are uniform in [1, room]: their mean decides S's inputs : targets balance
+        self.scales = balance_scales(self.shapes, self.probs, config.inputs_length / 2,
+                                     config.min_chunk if config.pack else 1.0)
         self._has_mode = np.array([d.mode is not None for d in self.mixture], np.int64)
         self.store = build_token_store(config, self.tokenizer, process_index, process_count)
         self._heldout = None
@@ -341,8 +363,9 @@ class Pipeline:
         return np.random.Generator(np.random.PCG64(
             np.random.SeedSequence([self.config.seed, step, self.process_index])))
 
-    def _draw(self, rng: np.random.Generator, n: int):
-        """n candidate draws: (denoiser, window start, window length, S split) — no corruption yet."""
+    def _draw(self, rng: np.random.Generator, n: int) -> _Draws:
+        """n candidate draws: denoiser, document, window position and the whole chunk each would
+        take (its S split too) -- no corruption yet."""
         offsets = self.store.offsets
         which = rng.choice(len(self.mixture), size=n, p=self.probs)
         raw = self.raw_lengths[which]
@@ -351,61 +374,63 @@ class Pipeline:
             room = self.config.inputs_length - 1 - self._has_mode[which[s_rows]]
             raw[s_rows] = prefix_lm_lengths(int(s_rows.sum()), room, self.config.targets_length - 1, rng)
         doc = np.searchsorted(offsets, rng.integers(0, offsets[-1], size=n), side="right") - 1
-        doc_len = offsets[doc + 1] - offsets[doc]
-        length = np.minimum(raw, doc_len)
-        start = offsets[doc] + rng.integers(0, doc_len - length + 1)
+        length = np.minimum(raw, offsets[doc + 1] - offsets[doc])
+        position = rng.random(n)  # where in the document the window lies, once its length is known
         split = draw_splits(length, which, self.mixture, self.config.inputs_length,
                             self.config.targets_length, rng)
-        return which, start, length, split
+        return _Draws(which, doc, position, length, split)
 
-    def _examples(self, rng: np.random.Generator, draws) -> Examples:
-        which, start, length, split = draws
-        idx = np.minimum(start[:, None] + np.arange(int(length.max())), self.store.offsets[-1] - 1)
+    def _candidates(self, d: "_Draws") -> Candidates:
+        """The packer's view of draws: natural chunks and the balanced plan for each."""
+        scale = self.scales[d.which]
+        # ceil: never below the packer's floor, ceil(min_chunk * natural), as scale >= min_chunk
+        planned = np.minimum(d.length, np.maximum(2, np.ceil(scale * self.raw_lengths[d.which])))
+        split = d.split.copy()
+        s_rows = split >= 0
+        if s_rows.any():  # S: prefix and continuation scaled alike
+            prefix = np.maximum(1, np.ceil(scale[s_rows] * d.split[s_rows])).astype(np.int64)
+            target = np.maximum(1, np.ceil(scale[s_rows] * (d.length - d.split)[s_rows]))
+            split[s_rows] = prefix
+            planned[s_rows] = prefix + target.astype(np.int64)
+        return Candidates(d.which, planned.astype(np.int64), split, d.length, d.split)
+
+    def _examples(self, rng: np.random.Generator, draws: "_Draws", length, split) -> Examples:
+        offsets = self.store.offsets
+        doc_len = offsets[draws.doc + 1] - offsets[draws.doc]
+        start = offsets[draws.doc] + np.floor(draws.position * (doc_len - length + 1)).astype(np.int64)
+        idx = np.minimum(start[:, None] + np.arange(int(length.max())), offsets[-1] - 1)
         chunks = np.asarray(self.store.tokens[idx])
-        return make_examples(chunks, length, which, self.mixture, self.specials,
+        return make_examples(chunks, length, draws.which, self.mixture, self.specials,
                              self.config.inputs_length, self.config.targets_length, rng, split)
 
     def batch(self, step: int) -> dict:
         """This host's rows of global batch ``step``: a pure function of (config, step, process_index)."""
+        return self.packed(step).batch
+
+    def packed(self, step: int) -> "Packed":
+        """``batch(step)`` with its packing plan, the denoiser and whole chunk of each example."""
         rng = self._rng(step)
         rows = self.local_batch_size
         if not self.config.pack:
-            ex = self._examples(rng, self._draw(rng, rows))
+            d = self._draw(rng, rows)
+            ex = self._examples(rng, d, d.length, d.split)
             zero = np.zeros(rows, np.int64)
-            return assemble(ex, np.arange(rows), zero, zero, np.ones(rows, np.int32), rows)
-        # First-fit on the examples' lengths (known before corruption), then corrupt the placed draws.
-        L_in, L_tgt = self.config.inputs_length, self.config.targets_length
-        free_in = np.full(rows, L_in, np.int64)
-        free_tgt = np.full(rows, L_tgt, np.int64)
-        nseg = np.zeros(rows, np.int32)
-        draws, placement = [], []
-        size, done = rows, False
-        min_in, min_tgt = 3, 2  # smallest possible example: [mode?] tok EOS / tok EOS
-        while not done:
-            d = self._draw(rng, size)
-            in_len, tgt_len = example_lengths(d[2], d[0], d[3], self.mixture)
-            used = 0
-            for li, lt in zip(in_len.tolist(), tgt_len.tolist()):
-                ok = np.flatnonzero((free_in >= li) & (free_tgt >= lt))
-                if not len(ok):
-                    done = True  # this draw is discarded (see module docstring)
-                    break
-                r = ok[0]
-                nseg[r] += 1
-                placement.append((r, L_in - free_in[r], L_tgt - free_tgt[r], nseg[r]))
-                free_in[r] -= li
-                free_tgt[r] -= lt
-                used += 1
-            draws.append(tuple(x[:used] for x in d))
-            if not np.any((free_in >= min_in) & (free_tgt >= min_tgt)):
-                break
-            # Next draw: about as many candidates as the free space can take (>= 1).
-            size = int(np.clip(np.ceil(len(placement) * min(
-                free_in.sum() / (rows * L_in - free_in.sum()),
-                free_tgt.sum() / (rows * L_tgt - free_tgt.sum()))), 1, 4 * rows))
-        ex = self._examples(rng, tuple(np.concatenate(x) for x in zip(*draws)))
-        r, off_in, off_tgt, seg = (np.asarray(c, np.int64) for c in zip(*placement))
-        return assemble(ex, r, off_in, off_tgt, seg, rows)
+            plan = Plan(np.arange(rows), d.length, d.split, np.arange(rows), zero, zero,
+                        np.ones(rows, np.int64), 0, rows)
+            return Packed(assemble(ex, plan.row, zero, zero, plan.segment, rows), plan, d.which,
+                          d.length)
+        blocks = []
+
+        def draw(n):
+            blocks.append(self._draw(rng, n))
+            return self._candidates(blocks[-1])
+
+        plan = pack(self.shapes, draw, rows, min_chunk=self.config.min_chunk)
+        every = _Draws(*(np.concatenate(x) for x in zip(*blocks)))
+        placed = _Draws(*(x[plan.index] for x in every))
+        ex = self._examples(rng, placed, plan.length, plan.split)
+        batch = assemble(ex, plan.row, plan.inputs_offset, plan.targets_offset, plan.segment, rows)
+        return Packed(batch, plan, placed.which, placed.length)
 
     def iterate(self, start_step: int = 0, prefetch: int = 2) -> Iterator[tuple[int, dict]]:
         """(step, batch) from ``start_step`` on; ``prefetch`` batches are built ahead in a thread."""
@@ -475,44 +500,72 @@ class Pipeline:
         return "".join(out)
 
 
+def measure(data: Pipeline, steps: int) -> dict:
+    """Fill, examples per row, realised mixture and chunk lengths over batches 1..steps (+ time)."""
+    data.batch(0)  # warm
+    t0 = time.perf_counter()
+    fills, counts, frac = [], np.zeros(len(data.mixture)), [[] for _ in data.mixture]
+    dropped = drawn = 0
+    for step in range(1, steps + 1):
+        p = data.packed(step)
+        s = batch_stats(p.batch)
+        fills.append((s["encoder_fill"], s["decoder_fill"], s["examples_per_row"]))
+        counts += np.bincount(p.which, minlength=len(data.mixture))
+        for d, n, whole in zip(p.which.tolist(), p.plan.length.tolist(), p.whole.tolist()):
+            frac[d].append(n / whole)
+        dropped, drawn = dropped + p.plan.dropped, drawn + p.plan.drawn
+    dt = time.perf_counter() - t0
+    enc, dec, per_row = np.mean(fills, axis=0)
+    realised = counts / counts.sum()
+    return dict(encoder_fill=float(enc), decoder_fill=float(dec), examples_per_row=float(per_row),
+                examples_per_s=float(counts.sum() / dt), batches_per_s=steps / dt,
+                realised=realised, mixture_error=float(np.abs(realised - data.probs).max()),
+                chunk_fraction=[float(np.mean(f)) if f else float("nan") for f in frac],
+                dropped=dropped / max(drawn, 1))
+
+
+FILL_TABLE = (("ul2", 512, 114), ("ul2", 512, 512), ("t5", 512, 114))
+
+
 def _main(argv=None):
-    """Preview + throughput: ``python -m jt5.train.data --inputs-length 512 --targets-length 114``."""
+    """The fill table (``python -m jt5.train.data``): fill, examples per row, realised mixture and
+    throughput for UL2 at 512/114 and 512/512 and T5 at 512/114, for each ``--min-chunk``.
+    ``--preview`` also prints the pipeline's description and held-out sample prompts."""
     p = argparse.ArgumentParser(description=_main.__doc__)
     p.add_argument("--data", nargs="+", default=["builtin"])
     p.add_argument("--tokenizer", default="byte")
-    p.add_argument("--inputs-length", type=int, default=512)
-    p.add_argument("--targets-length", type=int, default=114)
+    p.add_argument("--shapes", nargs="+", default=[f"{m}:{i}/{t}" for m, i, t in FILL_TABLE],
+                   help="MIXTURE:INPUTS/TARGETS rows of the table")
+    p.add_argument("--min-chunk", type=float, nargs="+", default=[MIN_CHUNK])
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--mixture", default="ul2")
     p.add_argument("--no-pack", action="store_true")
     p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--preview", action="store_true")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO)
-    data = Pipeline(DataConfig(data=tuple(args.data), tokenizer=args.tokenizer,
-                               inputs_length=args.inputs_length, targets_length=args.targets_length,
-                               batch_size=args.batch_size, seed=args.seed, mixture=args.mixture,
-                               pack=not args.no_pack))
-    print(data.describe())
-    for prompt in data.sample_prompts():
-        print(f"\n{prompt.denoiser} from {prompt.document}\n  inputs : {data.render(prompt.inputs)[:300]!r}"
-              f"\n  targets: {data.render(prompt.targets)[:300]!r}")
-    data.batch(0)
-    t0 = time.perf_counter()
-    fills, examples = [], 0
-    for step in range(1, args.steps + 1):
-        s = batch_stats(data.batch(step))
-        fills.append((s["encoder_fill"], s["decoder_fill"]))
-        examples += s["examples"]
-    dt = time.perf_counter() - t0
-    enc, dec = np.mean(fills, axis=0)
-    tokens = args.steps * data.local_batch_size * (args.inputs_length + args.targets_length)
-    real = tokens * (enc * args.inputs_length + dec * args.targets_length) / (
-        args.inputs_length + args.targets_length)
-    print(f"\n{args.steps} batches of {data.local_batch_size} rows in {dt:.2f}s: "
-          f"{args.steps / dt:.1f} batches/s, {examples / dt:,.0f} examples/s, "
-          f"{tokens / dt:,.0f} token slots/s ({real / dt:,.0f} non-padding tokens/s); fill encoder "
-          f"{enc:.3f} decoder {dec:.3f}, {examples / args.steps / data.local_batch_size:.2f} examples/row")
+    print(f"| objective, inputs / targets | min_chunk | fill encoder | fill decoder | examples/row "
+          f"| mixture error | chunk fraction per denoiser | examples/s |\n|---|---|---|---|---|---|---|---|")
+    for shape in args.shapes:
+        mixture, _, lengths = shape.partition(":")
+        L_in, _, L_tgt = lengths.partition("/")
+        for min_chunk in args.min_chunk:
+            data = Pipeline(DataConfig(data=tuple(args.data), tokenizer=args.tokenizer,
+                                       inputs_length=int(L_in), targets_length=int(L_tgt),
+                                       batch_size=args.batch_size, seed=args.seed, mixture=mixture,
+                                       pack=not args.no_pack, min_chunk=min_chunk))
+            if args.preview:
+                print(data.describe())
+                for prompt in data.sample_prompts():
+                    print(f"{prompt.denoiser} from {prompt.document}\n  inputs : "
+                          f"{data.render(prompt.inputs)[:300]!r}\n  targets: "
+                          f"{data.render(prompt.targets)[:300]!r}")
+            m = measure(data, args.steps)
+            fracs = " ".join(f"{f:.2f}" for f in m["chunk_fraction"])
+            print(f"| {mixture} {L_in} / {L_tgt} | {min_chunk:g} | {m['encoder_fill']:.3f} | "
+                  f"{m['decoder_fill']:.3f} | {m['examples_per_row']:.2f} | "
+                  f"{100 * m['mixture_error']:.2f}% | {fracs} | {m['examples_per_s']:,.0f} |",
+                  flush=True)
 
 
 if __name__ == "__main__":
