@@ -10,14 +10,18 @@ Sources (``--data``; several may be given, read in the order given):
   signature, extracted with ``ast`` from the ``.py`` sources under ``sysconfig.get_paths()["stdlib"]``
   (nothing is imported; test suites and site-packages are skipped), modules in sorted path order.
   About 2 MB of English + code-flavoured text. It depends on the Python version that runs it.
-- ``*.jsonl``: one JSON object per line with a string ``text`` field; blank lines are skipped.
+- ``*.jsonl`` (also ``.jsonl.gz`` / ``.jsonl.zst`` / ``.json.gz`` / ``.json.zst``): one JSON
+  object per line with a string ``text`` field (or ``text_field``); blank lines are skipped.
   Errors name the file and line.
+- ``*.parquet``, ``datasets`` ``save_to_disk`` directories, ``hf:NAME`` cached datasets, and
+  ``SOURCE:WEIGHT`` mixtures: see ``train/sources.py``.
 - any other file (``.txt``, ``.md``, ...): the whole file is one document (so long-range context,
   which the S and X denoisers need, is kept), split at line ends into pieces of at most
   ``max_chars`` characters so one huge file still spreads over hosts. Must be UTF-8; errors name
   the file and line.
-- a directory: every ``.jsonl`` / ``.txt`` / ``.md`` / ``.rst`` / ``.text`` file below it,
-  recursively, in sorted path order (hidden files and directories skipped).
+- a directory: every ``.jsonl`` (compressed too) / ``.parquet`` / ``.txt`` / ``.md`` / ``.rst`` /
+  ``.text`` file below it, recursively, in sorted path order (hidden files and directories
+  skipped); a ``save_to_disk`` directory is read as its dataset.
 
 Documents are numbered in this order over all sources (the *index*); ``split_heldout`` sets aside a
 small deterministic held-out set, which training never sees, for sample outputs.
@@ -30,19 +34,19 @@ import json
 import os
 import sys
 import sysconfig
-from typing import Callable, Iterable, Iterator, NamedTuple, Sequence
+from typing import Iterable, Iterator, NamedTuple, Sequence
+
+from jt5.train import sources
+from jt5.train.sources import Document, utf8
 
 BUILTIN = "builtin"
 TEXT_SUFFIXES = (".txt", ".md", ".rst", ".text")
-JSONL_SUFFIXES = (".jsonl",)
+FILE_SUFFIXES = TEXT_SUFFIXES + sources.JSONL_SUFFIXES + sources.PARQUET_SUFFIXES
 MAX_CHARS = 1 << 20  # text-file pieces: about 1 MiB of characters
 _SKIP_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"}
 _HELDOUT_BUCKETS = 64  # a document is a held-out candidate when hash(key) % 64 == 0
 
 
-class Document(NamedTuple):
-    key: str                    # stable name: "json/decoder.py", "data/x.jsonl:17", "notes.txt#0"
-    read: Callable[[], str]     # the text; parsing / decoding happens here (errors name file:line)
 
 
 # --------------------------------------------------------------------------- built-in corpus
@@ -113,56 +117,31 @@ def builtin_documents() -> Iterator[Document]:
 
 # --------------------------------------------------------------------------- user files
 
-def _utf8(data: bytes, path: str, first_line: int = 1) -> str:
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = first_line + data.count(b"\n", 0, e.start)
-        raise ValueError(f"{path}:{line}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
-
-
-def _jsonl_documents(path: str, key: str) -> Iterator[Document]:
+def _text_documents(path: str, key: str, max_chars: int, source: int) -> Iterator[Document]:
+    """Pieces of at most max_chars bytes (>= characters) ending at a line end, read as a stream."""
     with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, 1):
-            if not raw.strip():
-                continue
+        carry, line, piece = b"", 1, 0
+        while True:
+            block = f.read(max(max_chars - len(carry), 1))
+            data = carry + block
+            if not block and not data and piece > 0:
+                break
+            end = len(data)
+            if block and len(data) >= max_chars:
+                cut = data.rfind(b"\n", 0, max_chars)
+                end = cut + 1 if cut >= 0 else max_chars
+                while end < len(data) and (data[end] & 0xC0) == 0x80:  # not inside a character
+                    end += 1
+            text, carry = data[:end], data[end:]
 
-            def read(raw=raw, lineno=lineno):
-                line = _utf8(raw, path, lineno)
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{lineno}: invalid JSON ({e.msg}, column {e.colno})") from None
-                if not isinstance(obj, dict) or "text" not in obj:
-                    what = f"keys {sorted(obj)[:8]}" if isinstance(obj, dict) else type(obj).__name__
-                    raise ValueError(f"{path}:{lineno}: no 'text' field ({what})")
-                if not isinstance(obj["text"], str):
-                    kind = type(obj["text"]).__name__
-                    raise ValueError(f"{path}:{lineno}: 'text' is {kind}, not a string")
-                return obj["text"]
+            def read(text=text, first=line):
+                return utf8(text, path, first)
 
-            yield Document(f"{key}:{lineno}", read)
-
-
-def _text_documents(path: str, key: str, max_chars: int) -> Iterator[Document]:
-    with open(path, "rb") as f:
-        data = f.read()
-    # Pieces end at a line end at most max_chars bytes in (bytes >= characters, so <= max_chars chars).
-    start, line, piece = 0, 1, 0
-    while start < len(data) or piece == 0:
-        end = len(data)
-        if end - start > max_chars:
-            cut = data.rfind(b"\n", start, start + max_chars)
-            end = cut + 1 if cut >= start else start + max_chars
-            while end < len(data) and (data[end] & 0xC0) == 0x80:  # not inside a UTF-8 character
-                end += 1
-
-        def read(a=start, b=end, first=line):
-            return _utf8(data[a:b], path, first)
-
-        yield Document(f"{key}#{piece}", read)
-        line += data.count(b"\n", start, end)
-        start, piece = end, piece + 1
+            yield Document(f"{key}#{piece}", read, source)
+            line += text.count(b"\n")
+            piece += 1
+            if not block and not carry:
+                break
 
 
 def _files_under(directory: str) -> list[str]:
@@ -170,48 +149,78 @@ def _files_under(directory: str) -> list[str]:
     for dirpath, dirnames, filenames in os.walk(directory):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         for name in filenames:
-            if not name.startswith(".") and name.endswith(TEXT_SUFFIXES + JSONL_SUFFIXES):
+            if not name.startswith(".") and name.endswith(FILE_SUFFIXES):
                 out.append(os.path.join(dirpath, name))
     return sorted(out)
 
 
-def resolve_files(sources: Sequence[str]) -> list[tuple[str, str]]:
-    """(path, key) of every file the sources name, in read order ("builtin" -> ("builtin", "builtin"))."""
-    if isinstance(sources, str):
-        sources = [sources]
+class File(NamedTuple):
+    path: str      # a file, or "builtin"
+    key: str       # its name in document keys
+    kind: str      # builtin | text | jsonl | parquet | arrow
+    source: int    # index of the --data entry it came from
+
+
+def _kind(path: str) -> str:
+    if path.endswith(sources.PARQUET_SUFFIXES):
+        return "parquet"
+    if path.endswith(sources.JSONL_SUFFIXES):
+        return "jsonl"
+    if path.endswith(".arrow"):
+        return "arrow"
+    return "text"
+
+
+def resolve_files(entries: Sequence[str]) -> list[File]:
+    """Every file the ``--data`` entries name (weights stripped), in read order."""
+    if isinstance(entries, str):
+        entries = [entries]
     out = []
-    for src in sources:
+    for i, src in enumerate(s.spec for s in sources.parse_sources(entries)):
         if src == BUILTIN:
-            out.append((BUILTIN, BUILTIN))
+            out.append(File(BUILTIN, BUILTIN, "builtin", i))
+        elif src.startswith(sources.HF_PREFIX):
+            out += [File(p, f"{src}/{os.path.basename(p)}", "arrow", i)
+                    for p in sources.cached_dataset_files(src)]
         elif os.path.isdir(src):
-            files = _files_under(src)
-            if not files:
-                kinds = "/".join(TEXT_SUFFIXES + JSONL_SUFFIXES)
-                raise ValueError(f"data directory {src!r} holds no {kinds} files")
             base = os.path.basename(os.path.normpath(src))
-            out += [(p, base + "/" + os.path.relpath(p, src).replace(os.sep, "/")) for p in files]
+            if sources.is_saved_dataset(src):
+                files = sources.saved_dataset_files(src)
+            else:
+                files = _files_under(src)
+            if not files:
+                raise ValueError(f"data directory {src!r} holds no {'/'.join(FILE_SUFFIXES)} "
+                                 "files and is not a datasets save_to_disk directory")
+            out += [File(p, base + "/" + os.path.relpath(p, src).replace(os.sep, "/"),
+                         "arrow" if p.endswith(".arrow") else _kind(p), i) for p in files]
         elif os.path.isfile(src):
-            out.append((src, os.path.basename(src)))
+            out.append(File(src, os.path.basename(src), _kind(src), i))
         else:
-            raise FileNotFoundError(f"data source {src!r} is not 'builtin', a file or a directory")
+            raise FileNotFoundError(f"data source {src!r} is not 'builtin', hf:NAME, a file or "
+                                    "a directory")
     return out
 
 
-def iter_documents(sources: Sequence[str], max_chars: int = MAX_CHARS) -> Iterator[Document]:
+def iter_documents(entries: Sequence[str], max_chars: int = MAX_CHARS,
+                   text_field: str = "text") -> Iterator[Document]:
     """Every document of the sources, in the documented deterministic order (texts read lazily)."""
-    for path, key in resolve_files(sources):
-        if path == BUILTIN:
-            yield from builtin_documents()
-        elif path.endswith(JSONL_SUFFIXES):
-            yield from _jsonl_documents(path, key)
+    for f in resolve_files(entries):
+        if f.kind == "builtin":
+            yield from (d._replace(source=f.source) for d in builtin_documents())
+        elif f.kind == "jsonl":
+            yield from sources.jsonl_documents(f.path, f.key, text_field, f.source)
+        elif f.kind == "parquet":
+            yield from sources.parquet_documents(f.path, f.key, text_field, f.source)
+        elif f.kind == "arrow":
+            yield from sources.arrow_documents(f.path, f.key, text_field, f.source)
         else:
-            yield from _text_documents(path, key, max_chars)
+            yield from _text_documents(f.path, f.key, max_chars, f.source)
 
 
-def fingerprint(sources: Sequence[str], max_chars: int = MAX_CHARS) -> str:
+def fingerprint(entries: Sequence[str], max_chars: int = MAX_CHARS) -> str:
     """Changes when any source file changes (path, size, mtime) or, for builtin, the Python install."""
     h = hashlib.sha256(f"corpus-v1|{max_chars}".encode())
-    for path, key in resolve_files(sources):
+    for path, key, _, _ in resolve_files(entries):
         if path == BUILTIN:
             root = _stdlib_root()
             h.update(f"builtin|{sys.version}|{root}".encode())

@@ -64,7 +64,8 @@ from typing import Iterator, NamedTuple, Optional, Sequence, Union
 import numpy as np
 
 from jt5.tokenizer import Tokenizer, load_tokenizer
-from jt5.train import corpus
+from jt5.train import corpus, sources, tokenize
+from jt5.train.tokenize import STORE_VERSION, TokenStore
 from jt5.train.packing import MIN_CHUNK, Candidates, Plan, Shapes, balance_scales, pack
 from jt5.train.ul2 import (MODE_NAMES, Denoiser, Examples, SpecialIds, draw_splits,
                            fit_raw_length, make_examples, mixture_probs, prefix_lm_lengths,
@@ -76,7 +77,6 @@ ENCODER_FEATURES = ("encoder_input_tokens", "encoder_segment_ids", "encoder_posi
 DECODER_FEATURES = ("decoder_input_tokens", "decoder_target_tokens", "decoder_segment_ids",
                     "decoder_positions", "decoder_loss_weights")
 FEATURES = ENCODER_FEATURES + DECODER_FEATURES
-STORE_VERSION = 1
 _HELDOUT_TAG = 0x48454C44  # "HELD": seeds the sample-prompt generator apart from the steps'
 
 
@@ -99,6 +99,7 @@ class DataConfig:
     seed: int = 0
     heldout_documents: int = 8
     max_doc_chars: int = corpus.MAX_CHARS
+    text_field: str = "text"
     cache_dir: Optional[str] = None  # None: $JT5_CACHE, else ~/.cache/jt5
     mode_ids: Optional[tuple[int, ...]] = None
     first_sentinel: Optional[int] = None
@@ -109,6 +110,7 @@ class DataConfig:
         object.__setattr__(self, "data", tuple(os.fspath(d) for d in data))
         if not self.data:
             raise ValueError("data: give at least one source ('builtin', a file or a directory)")
+        sources.parse_sources(self.data)  # weights parse, all or none
         if not isinstance(self.mixture, str):
             object.__setattr__(self, "mixture", resolve_mixture(self.mixture))
         resolve_mixture(self.mixture)
@@ -165,85 +167,32 @@ def special_ids(tokenizer: Tokenizer, mixture: Sequence[Denoiser], mode_ids=None
 
 # --------------------------------------------------------------------------- token store
 
-class TokenStore(NamedTuple):
-    tokens: np.ndarray     # [N] uint16/int32 memmap: this host's documents back to back
-    offsets: np.ndarray    # [D + 1] int64: document d is tokens[offsets[d]:offsets[d + 1]]
-    doc_index: np.ndarray  # [D] int64: each document's corpus index
-    path: str
-
-
 def cache_root(config: DataConfig) -> str:
     return config.cache_dir or os.environ.get("JT5_CACHE") or os.path.join(
         os.path.expanduser("~"), ".cache", "jt5")
 
 
-def _store_key(config: DataConfig, tokenizer: Tokenizer, process_index: int, process_count: int) -> str:
-    spec = [STORE_VERSION, corpus.fingerprint(config.data, config.max_doc_chars), tokenizer.fingerprint,
-            config.heldout_documents, process_index, process_count]
-    return hashlib.sha256(json.dumps(spec).encode()).hexdigest()[:24]
-
-
-def _load_store(path: str) -> TokenStore:
-    with open(os.path.join(path, "meta.json")) as f:
-        meta = json.load(f)
-    tokens = np.memmap(os.path.join(path, "tokens.bin"), dtype=meta["dtype"], mode="r",
-                       shape=(meta["num_tokens"],))
-    return TokenStore(tokens, np.load(os.path.join(path, "offsets.npy")),
-                      np.load(os.path.join(path, "doc_index.npy")), path)
+def store_path(config: DataConfig, tokenizer: Tokenizer, process_index: int,
+               process_count: int) -> str:
+    """``<cache>/tokens/<key>``: the key hashes what the tokens depend on (not source weights)."""
+    spec = [STORE_VERSION, corpus.fingerprint(config.data, config.max_doc_chars), config.text_field,
+            tokenizer.fingerprint, config.heldout_documents, process_index, process_count]
+    key = hashlib.sha256(json.dumps(spec).encode()).hexdigest()[:24]
+    return os.path.join(cache_root(config), "tokens", key)
 
 
 def build_token_store(config: DataConfig, tokenizer: Tokenizer, process_index: int = 0,
-                      process_count: int = 1) -> TokenStore:
-    """Tokenise this host's share of the corpus once; later calls memory-map the cached result."""
-    key = _store_key(config, tokenizer, process_index, process_count)
-    final = os.path.join(cache_root(config), "tokens", key)
-    if os.path.isfile(os.path.join(final, "meta.json")):
-        return _load_store(final)
-    os.makedirs(os.path.dirname(final), exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{key}.", dir=os.path.dirname(final))
-    dtype = np.uint16 if tokenizer.vocab_size <= 1 << 16 else np.int32
-    offsets, doc_index, pending = [0], [], []
-    t0 = time.perf_counter()
-    try:
-        with open(os.path.join(tmp, "tokens.bin"), "wb") as f:
-            def flush():
-                arrays = tokenizer.encode_many([text for _, text in pending])
-                for (index, _), ids in zip(pending, arrays):
-                    if len(ids) >= 2:  # an example needs two tokens
-                        f.write(np.asarray(ids, dtype).tobytes())
-                        offsets.append(offsets[-1] + len(ids))
-                        doc_index.append(index)
-                pending.clear()
-
-            docs = corpus.iter_documents(config.data, config.max_doc_chars)
-            for index, doc, held in corpus.split_heldout(docs, config.heldout_documents):
-                if held or index % process_count != process_index:
-                    continue
-                pending.append((index, doc.read()))
-                if len(pending) >= 256:
-                    flush()
-            flush()
-        if not doc_index:
-            raise ValueError(f"process {process_index} of {process_count} has no training documents "
-                             f"in {list(config.data)} (documents are dealt by index % process_count; "
-                             f"{config.heldout_documents} may be held out)")
-        np.save(os.path.join(tmp, "offsets.npy"), np.asarray(offsets, np.int64))
-        np.save(os.path.join(tmp, "doc_index.npy"), np.asarray(doc_index, np.int64))
-        meta = dict(version=STORE_VERSION, dtype=np.dtype(dtype).name, num_tokens=int(offsets[-1]),
-                    num_documents=len(doc_index), data=list(config.data), tokenizer=tokenizer.fingerprint,
-                    process_index=process_index, process_count=process_count)
-        with open(os.path.join(tmp, "meta.json"), "w") as f:
-            json.dump(meta, f, indent=1)
-        try:
-            os.rename(tmp, final)  # atomic; fails if another process got there first
-        except OSError:
-            if not os.path.isfile(os.path.join(final, "meta.json")):
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    log.info("tokenised %d documents, %d tokens in %.1fs -> %s", len(doc_index), offsets[-1],
-             time.perf_counter() - t0, final)
-    return _load_store(final)
+                      process_count: int = 1, *, workers: Optional[int] = None,
+                      progress: bool = False) -> TokenStore:
+    """Tokenise this host's share of the corpus once (``train/tokenize.py``: parallel, resumable);
+    later calls memory-map the cached result."""
+    final = store_path(config, tokenizer, process_index, process_count)
+    docs = corpus.split_heldout(corpus.iter_documents(config.data, config.max_doc_chars,
+                                                      config.text_field), config.heldout_documents)
+    return tokenize.build_token_store(
+        docs, final, tokenizer, process_index=process_index, process_count=process_count,
+        num_sources=len(config.data), workers=workers, progress=progress,
+        meta=dict(data=list(config.data), text_field=config.text_field))
 
 
 # --------------------------------------------------------------------------- batches
@@ -315,7 +264,8 @@ class Pipeline:
     """Host-local UL2 batches for one DataConfig; see the module docstring."""
 
     def __init__(self, config: DataConfig, *, process_index: int = 0, process_count: int = 1,
-                 tokenizer: Optional[Tokenizer] = None):
+                 tokenizer: Optional[Tokenizer] = None, workers: Optional[int] = None,
+                 progress: bool = False):
         if not 0 <= process_index < process_count:
             raise ValueError(f"{process_index=} must be in [0, {process_count=})")
         if config.batch_size % process_count:
@@ -338,7 +288,17 @@ class Pipeline:
         self.scales = balance_scales(self.shapes, self.probs, config.inputs_length / 2,
                                      config.min_chunk if config.pack else 1.0)
         self._has_mode = np.array([d.mode is not None for d in self.mixture], np.int64)
-        self.store = build_token_store(config, self.tokenizer, process_index, process_count)
+        self.store = build_token_store(config, self.tokenizer, process_index, process_count,
+                                       workers=workers, progress=progress)
+        self.source_weights = sources.weights(config.data)
+        if self.source_weights is not None:
+            self._source_tokens = np.array([
+                [self.store.offsets[first], self.store.offsets[last]]
+                for first, last in map(self.store.source_documents, range(len(config.data)))])
+            empty = [config.data[i] for i, (a, b) in enumerate(self._source_tokens) if a == b]
+            if empty:
+                raise ValueError(f"host {process_index} has no training documents from "
+                                 f"{', '.join(empty)}")
         self._heldout = None
 
     @property
@@ -346,6 +306,15 @@ class Pipeline:
         """Ids the batches can contain are < vocab_size (the model's vocab must be at least this)."""
         return max(self.tokenizer.vocab_size, int(self.specials.sentinels.max()) + 1,
                    max(self.specials.modes.values(), default=0) + 1)
+
+    def source_summary(self) -> str:
+        """Per --data source: its weight (if any), documents and tokens on this host."""
+        meta, parts = self.store.meta, []
+        for i, spec in enumerate(sources.parse_sources(self.config.data)):
+            weight = f" x{self.source_weights[i]:.3g}" if self.source_weights else ""
+            parts.append(f"{spec.spec}{weight}: {meta['source_documents'][i]:,} documents, "
+                         f"{meta['source_tokens'][i]:,} tokens")
+        return "; ".join(parts)
 
     def describe(self) -> str:
         s = self.store
@@ -373,7 +342,13 @@ class Pipeline:
         if s_rows.any():  # prefix-LM: a random prefix length + a full target
             room = self.config.inputs_length - 1 - self._has_mode[which[s_rows]]
             raw[s_rows] = prefix_lm_lengths(int(s_rows.sum()), room, self.config.targets_length - 1, rng)
-        doc = np.searchsorted(offsets, rng.integers(0, offsets[-1], size=n), side="right") - 1
+        if self.source_weights is None:  # documents in proportion to their length
+            token = rng.integers(0, offsets[-1], size=n)
+        else:  # a source by weight, then a document of it in proportion to its length
+            lo, hi = self._source_tokens[rng.choice(len(self.source_weights), size=n,
+                                                    p=self.source_weights)].T
+            token = lo + np.floor(rng.random(n) * (hi - lo)).astype(np.int64)
+        doc = np.searchsorted(offsets, token, side="right") - 1
         length = np.minimum(raw, offsets[doc + 1] - offsets[doc])
         position = rng.random(n)  # where in the document the window lies, once its length is known
         split = draw_splits(length, which, self.mixture, self.config.inputs_length,
@@ -452,7 +427,8 @@ class Pipeline:
     def heldout_documents(self) -> list[tuple[str, str]]:
         """(key, text) of the held-out documents (the same on every host; never in any batch)."""
         if self._heldout is None:
-            docs = corpus.iter_documents(self.config.data, self.config.max_doc_chars)
+            docs = corpus.iter_documents(self.config.data, self.config.max_doc_chars,
+                                         self.config.text_field)
             self._heldout = [(d.key, d.read()) for _, d, held in
                              corpus.split_heldout(docs, self.config.heldout_documents) if held]
         return self._heldout

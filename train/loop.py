@@ -42,6 +42,8 @@ class LoopConfig(RunConfig):
     """One pretraining run; the CLI flags map onto these fields one to one (see ``jt5 pretrain -h``)."""
 
     data: tuple = ("builtin",)
+    text_field: str = "text"
+    min_chunk: float = 1.0
     samples_per_kind: int = 1
     max_new_tokens: int = 64
 
@@ -56,14 +58,16 @@ class RunResult(NamedTuple):
 def data_config(cfg: LoopConfig) -> DataConfig:
     return DataConfig(data=tuple(cfg.data), tokenizer=tokenizer_spec(cfg),
                       inputs_length=cfg.inputs_length, targets_length=cfg.targets_length,
-                      batch_size=cfg.batch_size, pack=cfg.pack, seed=cfg.seed)
+                      batch_size=cfg.batch_size, pack=cfg.pack, seed=cfg.seed,
+                      text_field=cfg.text_field, min_chunk=cfg.min_chunk)
 
 
 def _data_text(data: Pipeline) -> str:
     store, spec = data.store, data.config.tokenizer
     tok = spec if spec == "byte" else "tokenizer " + str(spec)
+    per_source = f"; {data.source_summary()}" if len(data.config.data) > 1 else ""
     return (f"data {', '.join(data.config.data)} ({len(store.doc_index):,} documents, "
-            f"{len(store.tokens):,} tokens, {tok})")
+            f"{len(store.tokens):,} tokens, {tok}{per_source})")
 
 
 def _heldout_batch(data: Pipeline, rows: int) -> Optional[dict]:
@@ -97,7 +101,8 @@ def run(cfg: LoopConfig, *, on_step: Optional[Callable[[int, dict], None]] = Non
     except ValueError as e:
         raise ValueError(f"--tokenizer {data_cfg.tokenizer}: {e}") from e
     try:
-        data = Pipeline(data_cfg, process_index=pid, process_count=nproc, tokenizer=tokenizer)
+        data = Pipeline(data_cfg, process_index=pid, process_count=nproc, tokenizer=tokenizer,
+                        progress=cfg.progress)
     except (ValueError, OSError) as e:  # missing, empty, binary or malformed data files
         raise ValueError(f"--data {' '.join(data_cfg.data)}: {e}") from e
     if data.vocab_size > mcfg.vocab_size:

@@ -30,9 +30,18 @@ def add(p: argparse.ArgumentParser):
     g.add_argument("--model", default="tiny", metavar="PRESET_OR_DIR",
                    help=f"a preset ({', '.join(preset_names())}) or a model to continue from: "
                         f"{MODEL_DIR} (default: tiny)")
-    g.add_argument("--data", nargs="+", default=["builtin"], metavar="SOURCE",
-                   help="'builtin' (the embedded corpus), text/.jsonl files or directories "
-                        "(default: builtin)")
+    g.add_argument("--data", nargs="+", default=["builtin"], metavar="SOURCE[:WEIGHT]",
+                   help="'builtin' (the embedded corpus), text / .jsonl(.gz/.zst) / .parquet files "
+                        "or directories of them, datasets save_to_disk directories, hf:NAME "
+                        "(a dataset in the local datasets cache); SOURCE:WEIGHT samples sources "
+                        "by weight (default: builtin)")
+    g.add_argument("--text-field", default="text",
+                   help="the text column / JSON field of .parquet, datasets and .jsonl sources "
+                        "(default text)")
+    g.add_argument("--min-chunk", type=float_in(0.0, 1.0, open_low=True), default=1.0,
+                   help="packing may shorten a UL2 chunk to this fraction so rows fill on both "
+                        "sides (1: whole examples only; 0.1 fills ~0.93/0.95 at 512/114, see "
+                        "benchmarks/RESULTS.md) (default 1)")
     add_sequence_flags(g, unit="examples")
     g.add_argument("--remat", choices=("none", "full", "dots"), default="none",
                    help="recompute layer activations in the backward pass (default none)")
@@ -100,7 +109,8 @@ def run(args) -> int:
     cfg = loop.LoopConfig(
         model=args.model, out=args.out, steps=args.steps, batch_size=args.batch_size,
         inputs_length=args.inputs_length, targets_length=args.targets_length,
-        data=tuple(args.data), tokenizer=args.tokenizer, pack=args.pack, seed=args.seed,
+        data=tuple(args.data), text_field=args.text_field, min_chunk=args.min_chunk,
+        tokenizer=args.tokenizer, pack=args.pack, seed=args.seed,
         mesh=args.mesh, save_every=args.save_every, keep=args.keep, eval_every=args.eval_every,
         optim=optim, dtype=args.dtype, remat=args.remat, attention=args.attention,
         dropout_rate=args.dropout, tensorboard=args.tensorboard, export=not args.no_export,
