@@ -308,32 +308,50 @@ def generate_fixed(model, input_ids, attention_mask=None,
     ``sequences [B * R, 1 + max_new_tokens]``; ``length``: how many leading columns transformers
     would return. Same arguments as :func:`generate`.
     """
+    call = program(model, input_ids, attention_mask, generation_config, mesh=mesh, **kwargs)
+    if mesh is None:
+        return call.fn(*call.args)
+    # The same program under ``mesh``: the model's activation constraints name the mesh's axes,
+    # so it is traced inside ``jax.set_mesh``.
+    args = tuple(a if sh is None else jax.device_put(a, sh)  # no-op for what is placed
+                 for a, sh in zip(call.args, call.shardings))
+    with jax.set_mesh(mesh):
+        out = call.fn(*args)
+    return GenerateOutput(out.sequences[:call.keep], out.length)
+
+
+class Program(NamedTuple):
+    """The one jitted program ``generate_fixed`` runs: ``fn(*args)`` (under ``jax.set_mesh``
+    with a mesh, ``args`` placed by ``shardings``); the first ``keep`` rows are the output.
+    ``jt5 plan generate`` compiles the same ``fn`` from the shapes of ``args``."""
+    fn: object
+    args: tuple           # (graphdef, static, state, ids, mask, knobs)
+    shardings: tuple      # of args (None: as given, replicated), or None without a mesh
+    keep: int
+
+
+def program(model, input_ids, attention_mask=None,
+            generation_config: GenerationConfig | None = None, *, mesh=None,
+            **kwargs) -> Program:
+    """The program and arguments of :func:`generate_fixed` (nothing runs). With ``mesh``: rows
+    over data x fsdp, padded with empty prompts to whole rows per device; weights by
+    ``jt5.sharding``'s logical rules (tensor: heads / MLP / vocab; fsdp: embed)."""
     r = resolve_config(model, generation_config, **kwargs)
     st, ids, mask, kn = _prepare(model, input_ids, attention_mask, r)
     graphdef, state = nnx.split(model)
-    if mesh is None:
-        return _compiled(graphdef, st, state, ids, mask, kn)
-    return _sharded(graphdef, st, state, ids, mask, kn, mesh)
-
-
-def _sharded(graphdef, st, state, ids, mask, kn, mesh) -> GenerateOutput:
-    """The same program under ``mesh``: rows over data x fsdp, weights by ``jt5.sharding``'s
-    logical rules (tensor: heads / MLP / vocab; fsdp: embed). The model's activation
-    constraints name the mesh's axes, so the program is traced inside ``jax.set_mesh``."""
     B = ids.shape[0]
+    keep = B * st.num_return_sequences  # rows b*R .. b*R+R-1 belong to input b
+    if mesh is None:
+        return Program(_compiled, (graphdef, st, state, ids, mask, kn), None, keep)
     split = mesh.shape["data"] * mesh.shape["fsdp"]
     extra = -B % split  # whole rows per device: pad the batch with empty prompts, drop them after
     if extra:
         ids = np.concatenate([ids, np.full((extra, ids.shape[1]), kn.pad, ids.dtype)])
         mask = np.concatenate([mask, np.zeros((extra, mask.shape[1]), mask.dtype)])
         mask[B:, 0] = 1  # one visible token, so the padding rows stay finite
-    state = jax.device_put(state, sharding.param_shardings(state, mesh))  # no-op when placed
     rows = sharding.batch_sharding(mesh, 2)
-    with jax.set_mesh(mesh):
-        out = _compiled(graphdef, st, state, jax.device_put(ids, rows),
-                        jax.device_put(mask, rows), kn)
-    keep = B * st.num_return_sequences  # rows b*R .. b*R+R-1 belong to input b
-    return GenerateOutput(out.sequences[:keep], out.length)
+    shardings = (None, None, sharding.param_shardings(state, mesh), rows, rows, None)
+    return Program(_compiled, (graphdef, st, state, ids, mask, kn), shardings, keep)
 
 
 def generate(model, input_ids, attention_mask=None,

@@ -134,6 +134,10 @@ class Embed(nnx.Module):
             # every device; a one-hot matmul keeps it sharded and runs on the matrix units.
             oh = jax.nn.one_hot(ids, table.shape[0], dtype=self.dtype)
             return jnp.einsum("BTV,VD->BTD", oh, table.astype(self.dtype))
+        # Gathered over fsdp first, as every weight is before use: from an embed-split table
+        # the gather's gradient (a scatter-add) would need the [B, T, D] cotangent embed-split,
+        # and XLA reshards it from batch-split by replication (jt5 plan: an XXL train step).
+        table = constrain(table, ("vocab", None))
         return jnp.take(table, ids, axis=0).astype(self.dtype)
 
 

@@ -10,6 +10,8 @@ per arch, head dim and dtype, the tile choices that compiled spill-free. Writing
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import functools
 import json
@@ -20,6 +22,30 @@ import numpy as np
 TABLE_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tuning_table.json")
 _MIN_BUCKET, _MAX_BUCKET = 128, 32768
 _BLOCK_FIELDS = ("block_q", "block_k", "block_q_dkv", "block_k_dkv", "block_q_dq", "block_k_dq")
+
+
+_TARGET = contextvars.ContextVar("jt5_kernel_target", default=None)
+
+
+@contextlib.contextmanager
+def compile_target(device):
+    """Kernels traced inside choose tiles (``get_block_sizes``) and grid sizes (SM count) for
+    ``device``, e.g. a GPU of a topology that ``jt5 plan`` compiles for from a CPU machine,
+    instead of ``jax.devices()[0]``."""
+    token = _TARGET.set(device)
+    try:
+        yield
+    finally:
+        _TARGET.reset(token)
+
+
+def target_device():
+    """The device the kernels are compiled for: ``compile_target``'s, else jax's first."""
+    device = _TARGET.get()
+    if device is None:
+        import jax
+        device = jax.devices()[0]
+    return device
 
 
 def next_power_of_2(n: int) -> int:

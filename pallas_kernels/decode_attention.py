@@ -42,7 +42,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from jt5.pallas_kernels import reference
-from jt5.pallas_kernels.blocks import DecodeBlockSizes, next_power_of_2
+from jt5.pallas_kernels.blocks import DecodeBlockSizes, next_power_of_2, target_device
 from jt5.pallas_kernels.spec import MASK_VALUE, Mask, RelativeBias, check_args, visible
 
 _DEFAULT_SMS = 132  # H100 SXM; used when the device does not report its core count
@@ -117,7 +117,7 @@ def _num_splits(bs: DecodeBlockSizes, batch: int, heads: int, n_blocks: int,
         return max(1, min(bs.num_splits, n_blocks))
     if interpret:
         return min(2, n_blocks)
-    sms = getattr(jax.devices()[0], "core_count", None) or _DEFAULT_SMS
+    sms = getattr(target_device(), "core_count", None) or _DEFAULT_SMS
     return max(1, min(n_blocks, -(-2 * sms // (batch * heads))))
 
 

@@ -38,7 +38,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from jt5.pallas_kernels.block_mask import make_block_mask
-from jt5.pallas_kernels.blocks import BlockSizes, get_block_sizes, next_power_of_2
+from jt5.pallas_kernels.blocks import BlockSizes, get_block_sizes, next_power_of_2, target_device
 from jt5.pallas_kernels.spec import (MASK_VALUE, Mask, RelativeBias, bucket_lut, check_args,
                                      visible)
 
@@ -433,7 +433,7 @@ def flash_attention(q, k, v, mask: Mask | None = None, bias: RelativeBias | None
     if interpret is None:
         interpret = jax.default_backend() != "gpu"
     if block_sizes is None:
-        block_sizes = get_block_sizes("interpret" if interpret else jax.devices()[0].device_kind,
+        block_sizes = get_block_sizes("interpret" if interpret else target_device().device_kind,
                                       T, S, H, q.dtype, mask.causal)
     bs = block_sizes.validate().fitted(T, S)
     radius = 0 if bias is None else bias.lut()[0]

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import os
+import re
 from pathlib import Path
 from typing import NamedTuple
 
@@ -56,6 +58,49 @@ def gpu(name: str) -> GPU:
 def target_config(name: str) -> str:
     """The ``GpuTargetConfigProto`` text of ``name`` (h100, h200, a100, b200)."""
     return (TARGETS_DIR / f"{gpu(name).name}.txtpb").read_text()
+
+
+def _spec_int(name: str, field: str) -> int:
+    m = re.search(rf"\b{field}: (\d+)", target_config(name))
+    if m is None:
+        raise ValueError(f"{TARGETS_DIR / (name + '.txtpb')} has no {field}")
+    return int(m.group(1))
+
+
+def core_count(name: str) -> int:
+    """Streaming multiprocessors (the decode kernel's split-K sizes its grid by them)."""
+    return _spec_int(name, "core_count")
+
+
+def dnn_version(name: str) -> int:
+    """cuDNN version of the target spec as jax encodes it (9.10.0 -> 91000)."""
+    block = re.search(r"dnn_version_info \{([^}]*)\}", target_config(name))
+    if block is None:
+        raise ValueError(f"{TARGETS_DIR / (name + '.txtpb')} has no dnn_version_info")
+    part = {k: int(v) for k, v in re.findall(r"(major|minor|patch): (\d+)", block.group(1))}
+    return part.get("major", 0) * 10000 + part.get("minor", 0) * 100 + part.get("patch", 0)
+
+
+def has_nvidia_device() -> bool:
+    return os.path.exists("/dev/nvidiactl")
+
+
+def cpu_unless_gpu() -> bool:
+    """With jax's CUDA plugin installed and no NVIDIA device, point jax at the CPU
+    (``JAX_PLATFORMS=cpu``) before it initialises a backend: otherwise the plugin prints a cuDNN
+    traceback, then falls back to the CPU anyway. Deviceless compiles need no GPU backend.
+    Leaves an explicit ``JAX_PLATFORMS`` alone; returns whether it set it. Call it before the
+    first jax computation (later, it changes nothing)."""
+    if "JAX_PLATFORMS" in os.environ or has_nvidia_device() or not has_plugin():
+        return False
+    os.environ["JAX_PLATFORMS"] = "cpu"
+    try:  # jax may be imported already; its config reads the variable only at import
+        import sys
+        if "jax" in sys.modules:
+            sys.modules["jax"].config.update("jax_platforms", "cpu")
+    except Exception:  # a backend is already up: nothing to change
+        pass
+    return True
 
 
 def has_plugin() -> bool:

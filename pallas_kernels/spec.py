@@ -72,22 +72,31 @@ def relative_position_bucket(relative_position, *, bidirectional: bool, num_buck
     distances get one bucket each, larger ones logarithmic buckets up to ``max_distance``, beyond
     which everything shares the last bucket. Usable inside Pallas kernels (elementwise only).
     """
-    rel = jnp.asarray(relative_position, jnp.int32)
+    return _bucket(jnp, relative_position, bidirectional=bidirectional, num_buckets=num_buckets,
+                   max_distance=max_distance)
+
+
+def _bucket(xp, relative_position, *, bidirectional: bool, num_buckets: int, max_distance: int):
+    """The bucket rule in array module ``xp``: ``jnp`` (traced, in kernels) or ``numpy`` (host
+    constants: a ``jnp`` constant built while tracing under a mesh asks that mesh's devices for
+    their local devices, which a GPU topology compiled for from a CPU machine has not)."""
+    rel = xp.asarray(relative_position, xp.int32)
     nb = num_buckets
-    ret = jnp.zeros_like(rel)
+    ret = xp.zeros_like(rel)
     if bidirectional:
         nb //= 2
-        ret = ret + jnp.where(rel > 0, nb, 0)
-        n = jnp.abs(rel)
+        ret = ret + xp.where(rel > 0, nb, 0).astype(xp.int32)
+        n = xp.abs(rel)
     else:
-        n = jnp.maximum(-rel, 0)
+        n = xp.maximum(-rel, 0)
     max_exact = nb // 2
     is_small = n < max_exact
-    nf = jnp.maximum(n, 1).astype(jnp.float32)  # log(0) is never selected (is_small), avoid -inf
-    large = max_exact + (jnp.log(nf / max_exact) / math.log(max_distance / max_exact)
-                         * (nb - max_exact)).astype(jnp.int32)
-    large = jnp.minimum(large, nb - 1)
-    return ret + jnp.where(is_small, n, large)
+    nf = xp.maximum(n, 1).astype(xp.float32)  # log(0) is never selected (is_small), avoid -inf
+    scale = xp.float32(math.log(max_distance / max_exact))
+    large = max_exact + (xp.log(nf / xp.float32(max_exact)) / scale
+                         * xp.float32(nb - max_exact)).astype(xp.int32)
+    large = xp.minimum(large, nb - 1)
+    return ret + xp.where(is_small, n, large).astype(xp.int32)
 
 
 def bucket_saturation(*, bidirectional: bool, num_buckets: int, max_distance: int) -> int:
@@ -97,8 +106,8 @@ def bucket_saturation(*, bidirectional: bool, num_buckets: int, max_distance: in
     table of ``clip(rel, -R, R)`` is exact. ``R <= max_distance`` always.
     """
     rel = np.arange(-max_distance - 1, max_distance + 2, dtype=np.int32)
-    b = np.asarray(relative_position_bucket(rel, bidirectional=bidirectional,
-                                            num_buckets=num_buckets, max_distance=max_distance))
+    b = _bucket(np, rel, bidirectional=bidirectional, num_buckets=num_buckets,
+                max_distance=max_distance)
     lo, hi = b[0], b[-1]
     r = max_distance + 1
     while r > 0 and b[max_distance + 1 - (r - 1)] == lo and b[max_distance + 1 + (r - 1)] == hi:
@@ -113,12 +122,10 @@ def bucket_lut(*, bidirectional: bool, num_buckets: int, max_distance: int):
     ``R = bucket_saturation(...)``; ``lut`` is int32 numpy padded (with its last value) to a
     power of two, so kernels can gather from it with Triton-friendly shapes.
     """
-    with jax.ensure_compile_time_eval():  # may first run while tracing: stay concrete
-        r = bucket_saturation(bidirectional=bidirectional, num_buckets=num_buckets,
-                              max_distance=max_distance)
-        b = np.asarray(relative_position_bucket(
-            np.arange(-r, r + 1, dtype=np.int32), bidirectional=bidirectional,
-            num_buckets=num_buckets, max_distance=max_distance), np.int32)
+    r = bucket_saturation(bidirectional=bidirectional, num_buckets=num_buckets,
+                          max_distance=max_distance)
+    b = _bucket(np, np.arange(-r, r + 1, dtype=np.int32), bidirectional=bidirectional,
+                num_buckets=num_buckets, max_distance=max_distance)
     padded = 1 << (2 * r).bit_length()  # next power of two >= 2r + 1
     return r, np.pad(b, (0, padded - b.size), mode="edge")
 

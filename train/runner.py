@@ -22,7 +22,7 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import Callable, Iterator, Optional, Union
+from typing import Callable, Iterator, NamedTuple, Optional, Union
 
 import jax
 from flax import nnx
@@ -153,11 +153,12 @@ def tokenizer_spec(cfg: RunConfig) -> str:
     return found or "byte"
 
 
-def prepare(cfg: RunConfig):
-    """The cheap checks, before any data is read or OUT created: -> (model config, mesh)."""
+def prepare(cfg: RunConfig, devices=None):
+    """The cheap checks, before any data is read or OUT created: -> (model config, mesh).
+    ``devices``: the mesh's (default all; ``jt5 plan`` passes a GPU topology's)."""
     mcfg = model_config(cfg)
     try:
-        mesh = sharding.make_mesh(cfg.mesh)
+        mesh = sharding.make_mesh(cfg.mesh, devices)
     except ValueError as e:
         raise ValueError(f"--mesh {cfg.mesh or '(default: all devices on data)'}: {e}") from e
     shards = mesh.shape["data"] * mesh.shape["fsdp"]
@@ -246,6 +247,53 @@ def read_metrics(out) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+# -- the step program -------------------------------------------------------------------------
+class StepProgram(NamedTuple):
+    """The jitted steps of a run and the shapes and shardings they take: what ``Trainer`` runs
+    and what ``jt5 plan`` compiles for GPUs it does not have (nothing here is allocated)."""
+    graphdef: object
+    abstract_model: object      # nnx.State of ShapeDtypeStructs (with logical axis metadata)
+    tx: object                  # the optax transformation
+    param_sh: dict              # NamedShardings of the parameters (a pure dict)
+    state_sh: step_lib.TrainState
+    abstract_state: step_lib.TrainState   # ShapeDtypeStructs carrying state_sh
+    batch_sh: dict              # feature -> NamedSharding
+    train_step: Callable        # jitted, donating the state
+    eval_step: Callable
+
+
+def abstract_batch(cfg: RunConfig, batch_sh: dict) -> dict:
+    """ShapeDtypeStructs of one global batch (``train/data.py``'s features and dtypes)."""
+    out = {}
+    for k, sh in batch_sh.items():
+        length = cfg.inputs_length if k.startswith("encoder") else cfg.targets_length
+        dtype = "float32" if k == "decoder_loss_weights" else "int32"
+        out[k] = jax.ShapeDtypeStruct((cfg.batch_size, length), dtype, sharding=sh)
+    return out
+
+
+def step_program(cfg: RunConfig, mcfg: T5Config, mesh) -> StepProgram:
+    graphdef, abstract = nnx.split(abstract_model(mcfg))
+    param_sh = nnx.to_pure_dict(sharding.param_shardings(abstract, mesh))
+    tx = step_lib.make_optimizer(cfg.optim)
+    shapes = jax.eval_shape(lambda p: step_lib.init_state(p, tx, cfg.seed),
+                            nnx.to_pure_dict(abstract))
+    state_sh = step_lib.state_shardings(shapes, param_sh, tx, mesh)
+    abstract_state = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), shapes, state_sh)
+    replicated = NamedSharding(mesh, P())
+    batch_sh = {k: sharding.batch_sharding(mesh, 2) for k in FEATURES}
+    with jax.set_mesh(mesh):  # the model's activation constraints name this mesh's axes
+        train_step = jax.jit(
+            step_lib.make_train_step(graphdef, cfg.optim, tx, dropout=mcfg.dropout_rate > 0),
+            in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, replicated),
+            donate_argnums=0)
+        eval_step = jax.jit(step_lib.make_eval_step(graphdef, cfg.optim),
+                            in_shardings=(state_sh.params, batch_sh), out_shardings=replicated)
+    return StepProgram(graphdef, abstract, tx, param_sh, state_sh, abstract_state, batch_sh,
+                       train_step, eval_step)
+
+
 # -- the trainer ------------------------------------------------------------------------------
 class Trainer:
     """A run's state on the mesh (restored, loaded or fresh), its jitted steps and checkpoints.
@@ -268,31 +316,15 @@ class Trainer:
         if meta:
             check_resume(meta, self.meta, out)
 
-        self.graphdef, abstract = nnx.split(abstract_model(mcfg))
+        prog = step_program(cfg, mcfg, mesh)
+        self.graphdef, self.batch_sh = prog.graphdef, prog.batch_sh
         if jax.process_index() == 0:
-            print(self._start_line(abstract, data_text), flush=True)
-        param_sh = nnx.to_pure_dict(sharding.param_shardings(abstract, mesh))
-        tx = step_lib.make_optimizer(cfg.optim)
-        abstract_state = jax.eval_shape(lambda p: step_lib.init_state(p, tx, cfg.seed),
-                                        nnx.to_pure_dict(abstract))
-        state_sh = step_lib.state_shardings(abstract_state, param_sh, tx, mesh)
-        replicated = NamedSharding(mesh, P())
-        self.batch_sh = {k: sharding.batch_sharding(mesh, 2) for k in FEATURES}
+            print(self._start_line(prog.abstract_model, data_text), flush=True)
         if start:  # restored straight into this mesh's layout, whatever mesh wrote it
-            target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                                  abstract_state, state_sh)
-            self.state, _ = self.ckpts.restore(start, target)
+            self.state, _ = self.ckpts.restore(start, prog.abstract_state)
         else:
-            self.state = self._fresh_state(param_sh, state_sh, tx)
-        with jax.set_mesh(mesh):  # the model's activation constraints name this mesh's axes
-            self.train_step = jax.jit(
-                step_lib.make_train_step(self.graphdef, cfg.optim, tx,
-                                         dropout=mcfg.dropout_rate > 0),
-                in_shardings=(state_sh, self.batch_sh), out_shardings=(state_sh, replicated),
-                donate_argnums=0)
-            self._eval_step = jax.jit(step_lib.make_eval_step(self.graphdef, cfg.optim),
-                                      in_shardings=(state_sh.params, self.batch_sh),
-                                      out_shardings=replicated)
+            self.state = self._fresh_state(prog.param_sh, prog.state_sh, prog.tx)
+        self.train_step, self._eval_step = prog.train_step, prog.eval_step
 
     def _start_line(self, abstract, data_text: str) -> str:
         """What this run is about to do, in one line (printed before the progress bar)."""

@@ -7,6 +7,7 @@ its own module here (``HELP``, ``add(parser)``, ``run(args) -> exit status``).
     jt5 bench      run a benchmark script from benchmarks/
     jt5 finetune   fine-tune on (input, target) pairs
     jt5 embed      encoder embeddings of texts
+    jt5 plan       compile a job for GPUs (no GPU needed): memory per device, fits, FLOPs
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from jt5.cli.common import Parser
 
 # Subcommand -> its module in this package (imported when the parser is built; the modules
 # import the heavy parts of jt5 inside ``run``).
-COMMANDS = ("pretrain", "bench", "generate", "convert", "finetune", "embed")
+COMMANDS = ("pretrain", "bench", "generate", "convert", "finetune", "embed", "plan")
 
 
 def command(name: str):
@@ -94,6 +95,9 @@ def main(argv=None) -> int:
         parser.print_help()
         return 0
     _setup_logging()
+    # jax's CUDA plugin (jt5[plan]) on a machine without an NVIDIA GPU: the CPU, quietly.
+    from jt5.pallas_kernels.gpu_targets import cpu_unless_gpu
+    cpu_unless_gpu()
     debug = args.debug or os.environ.get("JT5_DEBUG", "") not in ("", "0")
     try:
         return command(args.command).run(args)

@@ -60,6 +60,12 @@ def add(p: argparse.ArgumentParser):
 
 def run(args) -> int:
     from jt5.train import finetune
+    return run_training(finetune.run, config(args))
+
+
+def config(args):
+    """The run's ``FinetuneConfig`` from the flags (``jt5 plan finetune`` builds the same)."""
+    from jt5.train import finetune
     from jt5.train.step import OptimConfig
 
     optim = OptimConfig(lr=args.lr, warmup_steps=args.warmup, total_steps=args.steps,
@@ -75,6 +81,6 @@ def run(args) -> int:
         input_field=args.input_field, target_field=args.target_field, prefix=args.prefix,
         keep_best=args.keep_best, max_new_tokens=args.max_new_tokens,
         eval_generate=args.eval_generate)
-    return run_training(finetune.run, cfg)
+    return cfg
 
 

@@ -125,6 +125,13 @@ def _flagged(e: Exception) -> str:
                   lambda m: f"--{m.group(1).replace('_', '-')} {m.group(2)}", str(e))
 
 
+def options(args, task) -> dict:
+    """Generation options: transformers' order, the task's fields over the checkpoint's and
+    explicit flags over both (``jt5 plan generate`` takes the same)."""
+    return {**task.generation,
+            **{k: getattr(args, k) for k in _GEN_FLAGS if getattr(args, k) is not None}}
+
+
 def run(args) -> int:
     from jt5 import batch_generate as bg
     from jt5 import formats
@@ -155,9 +162,7 @@ def run(args) -> int:
         flag = "--tokenizer" if args.tokenizer else "--model"
         raise ValueError(f"{flag} {args.tokenizer or args.model}: {e}") from e
     task = bg.task_params(src.path, args.task) if args.task else bg.TaskParams("", {})
-    # transformers' order: the task's fields over the checkpoint's, explicit flags over both
-    kw = {**task.generation,
-          **{k: getattr(args, k) for k in _GEN_FLAGS if getattr(args, k) is not None}}
+    kw = options(args, task)
     mesh = None
     if args.mesh:
         from jt5 import sharding

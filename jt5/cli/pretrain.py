@@ -99,9 +99,16 @@ def add(p: argparse.ArgumentParser):
 
 def run(args) -> int:
     from jt5.train import loop
-    from jt5.train.step import OptimConfig
 
     loop.init_distributed(args.coordinator, args.num_processes, args.process_id)
+    return run_training(loop.run, config(args))
+
+
+def config(args):
+    """The run's ``LoopConfig`` from the flags (``jt5 plan pretrain`` builds the same)."""
+    from jt5.train import loop
+    from jt5.train.step import OptimConfig
+
     optim = OptimConfig(optimizer=args.optimizer, lr=args.lr, warmup_steps=args.warmup,
                         total_steps=args.steps, schedule=args.schedule,
                         weight_decay=args.weight_decay, clip=args.clip, z_loss=args.z_loss,
@@ -116,6 +123,6 @@ def run(args) -> int:
         dropout_rate=args.dropout, tensorboard=args.tensorboard, export=not args.no_export,
         samples_per_kind=args.samples, max_new_tokens=args.max_new_tokens,
         progress=not args.no_progress)
-    return run_training(loop.run, cfg)
+    return cfg
 
 

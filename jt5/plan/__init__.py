@@ -1,0 +1,89 @@
+"""``jt5 plan``: compile a jt5 job for the GPUs it will run on, from any machine, and say whether
+it fits and what a step costs — before renting them.
+
+    from jt5 import plan
+    target = plan.target("h100", hosts=2, gpus_per_host=8)
+    result = plan.train(LoopConfig(model="t5-v1_1-xxl", batch_size=256, mesh="data=2,fsdp=8",
+                                   inputs_length=512, targets_length=114, remat="full",
+                                   optim=OptimConfig(optimizer="adafactor")), target)
+    print(plan.format_table(result)); result.fits, result.total_bytes
+
+The program compiled is the job's own (``jobs.py``): the jitted train step with its optimizer
+update and shardings, the whole generation loop, the embedding encoder; XLA's GPU compiler
+(jax's CUDA plugin, no GPU or CUDA libraries needed: ``pip install "jt5[plan]"``) compiles it
+for the target topology and reports its memory per device (``compile.py``); FLOPs are counted
+from the shapes (``flops.py``); ``report.py`` prints the table and the advice.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Callable, Optional
+
+from jt5.plan import jobs
+from jt5.plan.compile import (RESHARDING_WARNING, Compiled, Target, check_plugin,  # noqa: F401
+                              compile_lowered, memory_fraction, target)
+from jt5.plan.report import Plan, format_table  # noqa: F401
+
+log = logging.getLogger(__name__)
+
+
+def make_plan(build: Callable[[Optional[str]], jobs.Program], target: Target, *,
+              auto: bool, fraction: Optional[float] = None) -> Plan:
+    """Build (``build(attention_override)``) and compile a job's program for ``target``.
+
+    ``auto``: the job asked for ``attention="auto"``; if its kernels do not compile for the
+    target, the job would run the XLA path (``jt5.attention_ops``' safety net), so the plan
+    compiles that instead and says why."""
+    check_plugin()
+    program = build(None)
+    fallback = None
+    try:
+        compiled = compile_lowered(program.lower, target)
+    except Exception as e:  # noqa: BLE001  (any lowering / compile failure of the kernels)
+        if not (auto and program.config.attention == "pallas"):
+            raise
+        fallback = " ".join(str(e).split())[:300] or type(e).__name__
+        log.warning("the kernels did not compile for %s (%s): attention='auto' falls back to "
+                    "xla", target.gpu.name, fallback)
+        program = build("xla")
+        compiled = compile_lowered(program.lower, target)
+    from jt5.plan import report
+    return report.build(program, compiled, target, memory_fraction=memory_fraction(fraction),
+                        fallback=fallback)
+
+
+def train(cfg, target: Target, *, job: str = "pretrain", layers: Optional[int] = None,
+          fraction: Optional[float] = None) -> Plan:
+    """Plan of ``jt5 pretrain`` / ``jt5 finetune`` with ``cfg`` (``LoopConfig`` /
+    ``FinetuneConfig``)."""
+    import dataclasses
+
+    def build(attention):
+        c = cfg if attention is None else dataclasses.replace(cfg, attention=attention)
+        return jobs.train(c, target, job=job, layers=layers)
+    return make_plan(build, target, auto=cfg.attention == "auto", fraction=fraction)
+
+
+def generate(model, target: Target, *, batch_size: int = 16, length: int = 512,
+             mesh: Optional[str] = None, dtype: Optional[str] = None,
+             attention: Optional[str] = None, layers: Optional[int] = None,
+             fraction: Optional[float] = None, **options) -> Plan:
+    """Plan of ``jt5 generate`` over ``batch_size`` prompts of ``length`` tokens; ``options``:
+    generation settings (``num_beams``, ``max_new_tokens``, ... as ``jt5.generate``)."""
+    def build(override):
+        return jobs.generate(model, target, batch_size=batch_size, length=length, mesh=mesh,
+                             dtype=dtype, attention=override or attention, options=options,
+                             layers=layers)
+    auto = attention in (None, "auto") and jobs.base_config(model).attention == "auto"
+    return make_plan(build, target, auto=auto, fraction=fraction)
+
+
+def embed(model, target: Target, *, batch_size: int = 32, length: int = 512,
+          pooling: str = "mean", dtype: Optional[str] = None, attention: Optional[str] = None,
+          layers: Optional[int] = None, fraction: Optional[float] = None) -> Plan:
+    """Plan of ``jt5 embed``: the encoder and pooling over ``batch_size`` rows of ``length``."""
+    def build(override):
+        return jobs.embed(model, target, batch_size=batch_size, length=length, pooling=pooling,
+                          dtype=dtype, attention=override or attention, layers=layers)
+    auto = attention in (None, "auto") and jobs.base_config(model).attention == "auto"
+    return make_plan(build, target, auto=auto, fraction=fraction)
