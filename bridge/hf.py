@@ -52,6 +52,18 @@ def _torch_to_numpy(t) -> np.ndarray:
     return t.numpy()
 
 
+# safetensors' numpy reader looks these up on numpy itself, which has no float8 types: such
+# tensors (fp8-quantised checkpoints, jt5/quant.py) are read from their bytes.
+_RAW_DTYPES = {"F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
+
+
+def _read_raw(f: Path, header_len: int, info: dict) -> np.ndarray:
+    import ml_dtypes
+    lo, hi = info["data_offsets"]
+    data = np.fromfile(f, dtype=np.uint8, count=hi - lo, offset=8 + header_len + lo)
+    return data.view(getattr(ml_dtypes, _RAW_DTYPES[info["dtype"]])).reshape(info["shape"])
+
+
 class StateDict(Mapping):
     """A lazy, read-only ``{key: np.ndarray}`` over the weight files of a model directory."""
 
@@ -60,6 +72,7 @@ class StateDict(Mapping):
         self._where: dict[str, Path] = {}
         self._handles: dict[Path, object] = {}
         self._bins: dict[Path, dict] = {}
+        self._headers: dict[Path, tuple] = {}
         p = self.path
         if (p / SAFE).is_file():
             self._add_safetensors(p / SAFE)
@@ -106,6 +119,7 @@ class StateDict(Mapping):
             raise CheckpointError(f"{f}: truncated ({expected} bytes, header needs "
                                   f"{8 + header_len + end})")
         self._handles[f] = h
+        self._headers[f] = (header_len, header)
         for k in keys:
             self._where[k] = f
 
@@ -130,6 +144,9 @@ class StateDict(Mapping):
         f = self._where[key]
         if f in self._bins:
             return _torch_to_numpy(self._bins[f][key])
+        header_len, header = self._headers[f]
+        if header[key]["dtype"] in _RAW_DTYPES:
+            return _read_raw(f, header_len, header[key])
         try:
             return self._handles[f].get_tensor(key)
         except Exception as e:

@@ -4,7 +4,9 @@ Each :class:`Rule` pairs one jt5 parameter path with one transformers key and a 
 
 - ``copy``: same layout (norm scales, bias tables ``[K, N]``, the shared embedding ``[V, D]``);
 - ``linear``: ``torch.nn.Linear`` stores ``[out, in]``; jt5 stores ``[in, out]`` (transpose);
-- ``qkv``: ``[N*H, D]`` <-> ``[D, N, H]``; ``o``: ``[D, N*H]`` <-> ``[N, H, D]``.
+- ``qkv``: ``[N*H, D]`` <-> ``[D, N, H]``; ``o``: ``[D, N*H]`` <-> ``[N, H, D]``;
+- ``scale``: a quantised weight's per-output-channel scales (``<key>.weight_scale``, flat in the
+  file; ``jt5/quant.py``), e.g. ``[N*H]`` <-> ``[N, H]``.
 
 All are transposes/reshapes, so conversion is exact in both directions.
 """
@@ -14,6 +16,7 @@ from typing import Mapping, NamedTuple
 
 import numpy as np
 
+from jt5 import quant
 from jt5.config import MODEL_TYPES, T5Config
 
 
@@ -116,7 +119,7 @@ def config_from_hf(raw: Mapping, *, has_lm_head: bool, source: str = "config.jso
             feed_forward_proj=str(d["feed_forward_proj"]),
             tie_word_embeddings=not has_lm_head,
             scale_decoder_outputs=_scale_decoder_outputs(raw),
-            relative_bias_per_layer=(mt == "umt5"), model_type=mt,
+            relative_bias_per_layer=(mt == "umt5"), model_type=mt, **quant.fields_from_hf(raw),
             **_longt5_fields(d, mt),
             pad_token_id=int(d["pad_token_id"]), eos_token_id=int(eos),
             decoder_start_token_id=int(d["decoder_start_token_id"]))
@@ -154,6 +157,7 @@ def config_to_hf(config: T5Config, *, encoder_only: bool = False,
         "pad_token_id": config.pad_token_id, "eos_token_id": config.eos_token_id,
         "decoder_start_token_id": config.decoder_start_token_id,
         "use_cache": True,
+        **quant.quantization_config(config),
     }
 
 
@@ -219,7 +223,7 @@ def rules(config: T5Config, *, encoder_only: bool = False) -> list[Rule]:
         stack("decoder", config.num_decoder_layers, decoder=True)
         if not config.tie_word_embeddings:
             out.append(Rule(("lm_head",), "lm_head.weight", "linear", (D, config.vocab_size)))
-    return out
+    return _quantized(config, out)
 
 
 def hf_shape(rule: Rule) -> tuple:
@@ -232,6 +236,8 @@ def hf_shape(rule: Rule) -> tuple:
         return (s[1] * s[2], s[0])
     if rule.kind == "o":    # [N, H, D] -> [D, N*H]
         return (s[2], s[0] * s[1])
+    if rule.kind == "scale":  # per output channel: [N, H] or [out] -> [N*H] or [out]
+        return (int(np.prod(s)),)
     raise ValueError(rule.kind)
 
 
@@ -243,3 +249,20 @@ def to_jt5(rule: Rule, w: np.ndarray) -> np.ndarray:
 def to_hf(rule: Rule, w: np.ndarray) -> np.ndarray:
     """The inverse of ``to_jt5``: flatten to the transposed HF matrix, then transpose."""
     return w if rule.kind == "copy" else w.reshape(hf_shape(rule)[::-1]).T
+
+
+def _quantized(config: T5Config, rules: list[Rule]) -> list[Rule]:
+    """A quantised layer's weight is stored as ``<key>.weight`` (int8 / float8_e4m3fn, the float
+    weight's layout) and ``<key>.weight_scale`` (float32, one per output channel); jt5 holds them
+    as ``.../qweight`` and ``.../scale`` (``jt5.layers.QuantizedWeight``)."""
+    kinds = config.quantized_kinds
+    out = []
+    for r in rules:
+        kind = quant.layer_kind(r.jt5)
+        if kind not in kinds or kind is None:
+            out.append(r)
+            continue
+        out.append(r._replace(jt5=r.jt5 + (quant.QWEIGHT,)))
+        out.append(Rule(r.jt5 + (quant.SCALE,), r.hf + quant.HF_SCALE_SUFFIX, "scale",
+                        r.shape[-quant.out_ndim(kind):]))
+    return out

@@ -25,10 +25,14 @@ if not _os.path.isdir(_os.path.join(__path__[0], "bridge")) and all(
 from jt5.config import PRESETS, T5Config, preset
 from jt5.embeddings import embed
 from jt5.formats import load
+from jt5.heads import (T5EncoderForSequenceClassification, T5ForQuestionAnswering,
+                       T5ForSequenceClassification, T5ForTokenClassification)
 from jt5.model import (T5EncoderModel, T5ForConditionalGeneration, abstract_model,
                        init_model)
 
 __version__ = "0.1.0"
 
 __all__ = ["T5Config", "PRESETS", "preset", "T5ForConditionalGeneration", "T5EncoderModel",
-           "init_model", "abstract_model", "load", "embed", "__version__"]
+           "init_model", "abstract_model", "load", "embed", "__version__",
+           "T5ForSequenceClassification", "T5ForTokenClassification", "T5ForQuestionAnswering",
+           "T5EncoderForSequenceClassification"]

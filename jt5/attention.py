@@ -8,13 +8,12 @@ from __future__ import annotations
 
 from typing import Optional
 
-import jax.numpy as jnp
 from flax import nnx
 
 from jt5 import attention_ops as ops
 from jt5.cache import KV
 from jt5.config import T5Config
-from jt5.layers import compute_dtype, init_std_attention, param, residual_dtype
+from jt5.layers import compute_dtype, init_std_attention, matmul, residual_dtype, weight
 from jt5.relpos import RelativePositionBias
 from jt5.sharding import constrain
 
@@ -26,29 +25,27 @@ class _Attention(nnx.Module):
 
     def __init__(self, config: T5Config, *, rngs: nnx.Rngs):
         D, N, H = config.d_model, config.num_heads, config.d_kv
-        pd = jnp.dtype(config.param_dtype)
         q_std, kv_std, o_std = init_std_attention(config)
         self.dtype = compute_dtype(config)
         self.out_dtype = residual_dtype(config)
-        self.q = param(rngs, (D, N, H), ("embed", "heads", "kv"), std=q_std, dtype=pd)
-        self.k = param(rngs, (D, N, H), ("embed", "heads", "kv"), std=kv_std, dtype=pd)
-        self.v = param(rngs, (D, N, H), ("embed", "heads", "kv"), std=kv_std, dtype=pd)
-        self.o = param(rngs, (N, H, D), ("heads", "kv", "embed"), std=o_std, dtype=pd)
+        qkv, axes = dict(config=config, kind="attn_qkv"), ("embed", "heads", "kv")
+        self.q = weight(rngs, (D, N, H), axes, std=q_std, **qkv)
+        self.k = weight(rngs, (D, N, H), axes, std=kv_std, **qkv)
+        self.v = weight(rngs, (D, N, H), axes, std=kv_std, **qkv)
+        self.o = weight(rngs, (N, H, D), ("heads", "kv", "embed"), std=o_std, config=config,
+                        kind="attn_out")
 
     def project_q(self, x):  # [B,T,D] -> [B,T,N,H]
-        dt = self.dtype
-        return constrain(jnp.einsum("BTD,DNH->BTNH", x.astype(dt), self.q[...].astype(dt)), _HEADS)
+        return constrain(matmul("BTD,DNH->BTNH", x, self.q, dtype=self.dtype), _HEADS)
 
     def project_kv(self, x) -> KV:  # [B,S,D] -> 2 x [B,S,N,H] (layout BSNH)
-        dt = self.dtype
-        x = x.astype(dt)
-        k = jnp.einsum("BSD,DNH->BSNH", x, self.k[...].astype(dt))
-        v = jnp.einsum("BSD,DNH->BSNH", x, self.v[...].astype(dt))
+        x = x.astype(self.dtype)
+        k = matmul("BSD,DNH->BSNH", x, self.k, dtype=self.dtype)
+        v = matmul("BSD,DNH->BSNH", x, self.v, dtype=self.dtype)
         return KV(constrain(k, _HEADS), constrain(v, _HEADS))
 
     def project_out(self, y):  # [B,T,N,H] -> [B,T,D] in the residual dtype
-        return jnp.einsum("BTNH,NHD->BTD", y, self.o[...].astype(self.dtype),
-                          preferred_element_type=self.out_dtype)
+        return matmul("BTNH,NHD->BTD", y, self.o, dtype=self.dtype, out_dtype=self.out_dtype)
 
 
 class EncoderSelfAttention(_Attention):

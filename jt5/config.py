@@ -14,6 +14,13 @@ MODEL_TYPES = ("t5", "mt5", "umt5", "longt5")
 # "full": T5's dense encoder self-attention. "local" and "transient-global": LongT5's (Guo et al.
 # 2022, §3.1); "local" also works as a long-input approximation on any T5 checkpoint.
 ENCODER_ATTENTION_TYPES = ("full", "local", "transient-global")
+# Weight-only quantisation (jt5/quant.py). Layer kinds: the MLP's input projections (wi, wi_0,
+# wi_1), its output projection (wo), attention q/k/v, attention o. The default
+# per format is what benchmarks/encoder_quant.py measured to keep the error within bf16's.
+WEIGHT_FORMATS = ("float", "int8", "fp8")
+QUANT_KINDS = ("mlp_in", "mlp_out", "attn_qkv", "attn_out")
+QUANT_DEFAULT = {"int8": ("mlp_in", "mlp_out", "attn_qkv", "attn_out"),
+                 "fp8": ("mlp_in", "mlp_out", "attn_qkv", "attn_out")}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,6 +65,12 @@ class T5Config:
     # Numerics and execution (not part of a checkpoint).
     dtype: str = "float32"  # activations / matmul inputs
     param_dtype: str = "float32"
+    # Weight-only quantisation (jt5/quant.py): "int8" / "fp8" (e4m3) store the matmul weights of
+    # the ``quantized`` layer kinds (QUANT_KINDS; () = QUANT_DEFAULT[weights]) with one float32
+    # scale per output channel; norms, embeddings and relative biases keep ``param_dtype``. A
+    # quantised checkpoint stores both (config.json's quantization_config).
+    weights: str = "float"
+    quantized: tuple = ()
     # The residual stream between sublayers; None: float32 (also in bfloat16/float16 mode: it
     # brings bf16 within nai-t5's error of float32, benchmarks/bf16_accuracy.py).
     residual_dtype: Optional[str] = None
@@ -89,6 +102,7 @@ class T5Config:
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be positive")
         self._check_encoder_attention()
+        self._check_weights()
         if self.relative_attention_num_buckets < 4:
             raise ValueError("relative_attention_num_buckets must be >= 4 (half exact, half log)")
 
@@ -119,6 +133,23 @@ class T5Config:
         if self.num_global_tokens and t != "local":
             raise ValueError(f"num_global_tokens={self.num_global_tokens} applies to "
                              f"encoder_attention_type='local' only, not {t!r}")
+
+    def _check_weights(self):
+        if self.weights not in WEIGHT_FORMATS:
+            raise ValueError(f"weights={self.weights!r} must be one of {WEIGHT_FORMATS}")
+        # JSON gives a list back (jt5_config.json, config.json): keep the config hashable.
+        object.__setattr__(self, "quantized", tuple(self.quantized))
+        bad = [k for k in self.quantized if k not in QUANT_KINDS]
+        if bad:
+            raise ValueError(f"quantized={self.quantized!r}: unknown layer kinds {bad}; known: "
+                             f"{QUANT_KINDS}")
+
+    @property
+    def quantized_kinds(self) -> tuple:
+        """The layer kinds whose weights are stored quantised (none when weights="float")."""
+        if self.weights == "float":
+            return ()
+        return self.quantized or QUANT_DEFAULT[self.weights]
 
     @property
     def is_gated(self) -> bool:

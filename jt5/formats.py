@@ -121,5 +121,10 @@ def load(path, cls=None, *, dtype: Optional[str] = None, param_dtype: Optional[s
             cls = classes[name]
         return weights.load_native(src.path, cls, shardings=shardings, **overrides)
     from jt5.train.checkpoint import load_model_from_run
-    return load_model_from_run(src.path, cls or T5ForConditionalGeneration, shardings=shardings,
-                               **overrides)
+    q = {k: overrides.pop(k) for k in ("weights", "quantized") if k in overrides}
+    model = load_model_from_run(src.path, cls or T5ForConditionalGeneration, shardings=shardings,
+                                **overrides)
+    if q.get("weights") is None:
+        return model
+    return weights.requantize(model, weights=q["weights"], quantized=q.get("quantized") or (),
+                              shardings=shardings)

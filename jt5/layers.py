@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jt5 import quant
 from jt5.config import T5Config
 from jt5.sharding import constrain, is_sharded
 
@@ -21,6 +22,38 @@ def param(rngs: nnx.Rngs, shape, axes, *, std: float | None, dtype) -> nnx.Param
     else:
         value = (std * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
     return nnx.Param(value, out_sharding=tuple(axes), eager_sharding=False)
+
+
+class QuantizedWeight(nnx.Module):
+    """A matmul weight stored as int8 / float8_e4m3fn (``qweight``, the float weight's shape and
+    logical axes) with one float32 ``scale`` per output channel (its trailing ``n_out`` axes):
+    ``w = qweight * scale`` (``jt5/quant.py``)."""
+
+    def __init__(self, w, axes, n_out: int, fmt: str):
+        q, s = quant.quantize(w, n_out, fmt, xp=jnp)
+        self.qweight = nnx.Param(q, out_sharding=tuple(axes), eager_sharding=False)
+        self.scale = nnx.Param(s, out_sharding=tuple(axes[-n_out:]), eager_sharding=False)
+
+
+def weight(rngs: nnx.Rngs, shape, axes, *, std: float, config: T5Config, kind: str):
+    """A projection's weight (``param``), quantised when ``config`` quantises layers of ``kind``
+    (``config.QUANT_KINDS``)."""
+    p = param(rngs, shape, axes, std=std, dtype=jnp.dtype(config.param_dtype))
+    if kind not in config.quantized_kinds:
+        return p
+    return QuantizedWeight(p[...], axes, quant.out_ndim(kind), config.weights)
+
+
+def matmul(eq: str, x, w, *, dtype, out_dtype=None):
+    """``einsum(eq, x, w)`` with matmul inputs in ``dtype``, the result in ``out_dtype`` (default:
+    ``dtype``). A ``QuantizedWeight`` enters the product converted to ``dtype`` (exact: int8 and
+    e4m3 values fit bf16's mantissa), the float32 product is scaled per output channel (the
+    trailing axes of ``eq``'s output are the weight's outputs) and rounded once."""
+    x = x.astype(dtype)
+    if isinstance(w, QuantizedWeight):
+        y = jnp.einsum(eq, x, w.qweight[...].astype(dtype), preferred_element_type=jnp.float32)
+        return (y * w.scale[...]).astype(out_dtype or dtype)
+    return jnp.einsum(eq, x, w[...].astype(dtype), preferred_element_type=out_dtype)
 
 
 def compute_dtype(config: T5Config):
@@ -86,26 +119,26 @@ class MLP(nnx.Module):
 
     def __init__(self, config: T5Config, *, rngs: nnx.Rngs):
         D, F = config.d_model, config.d_ff
-        f, pd = config.initializer_factor, jnp.dtype(config.param_dtype)
+        f = config.initializer_factor
         self.gated = config.is_gated
         self.act = _ACT[config.activation]
         self.dtype = compute_dtype(config)
         self.out_dtype = residual_dtype(config)
         self.rate = config.dropout_rate
+        w_in = dict(std=f * D**-0.5, config=config, kind="mlp_in")
         if self.gated:
-            self.wi_0 = param(rngs, (D, F), ("embed", "mlp"), std=f * D**-0.5, dtype=pd)
-            self.wi_1 = param(rngs, (D, F), ("embed", "mlp"), std=f * D**-0.5, dtype=pd)
+            self.wi_0 = weight(rngs, (D, F), ("embed", "mlp"), **w_in)
+            self.wi_1 = weight(rngs, (D, F), ("embed", "mlp"), **w_in)
         else:
-            self.wi = param(rngs, (D, F), ("embed", "mlp"), std=f * D**-0.5, dtype=pd)
-        self.wo = param(rngs, (F, D), ("mlp", "embed"), std=f * F**-0.5, dtype=pd)
+            self.wi = weight(rngs, (D, F), ("embed", "mlp"), **w_in)
+        self.wo = weight(rngs, (F, D), ("mlp", "embed"), std=f * F**-0.5, config=config,
+                         kind="mlp_out")
 
     def __call__(self, x, *, rngs=None, deterministic=True):  # [B,T,D] -> [B,T,D]
         dt = self.dtype
-        x = x.astype(dt)
 
         def up(w):  # the activation and the gate product in float32, one rounding to dt after
-            return jnp.einsum("BTD,DF->BTF", x, w[...].astype(dt),
-                              preferred_element_type=jnp.float32)
+            return matmul("BTD,DF->BTF", x, w, dtype=dt, out_dtype=jnp.float32)
 
         if self.gated:
             h = self.act(up(self.wi_0)) * up(self.wi_1)
@@ -113,8 +146,7 @@ class MLP(nnx.Module):
             h = self.act(up(self.wi))
         h = constrain(h.astype(dt), ("batch", "length", "act_mlp"))
         h = dropout(h, self.rate, rngs, deterministic)
-        return jnp.einsum("BTF,FD->BTD", h, self.wo[...].astype(dt),
-                          preferred_element_type=self.out_dtype)
+        return matmul("BTF,FD->BTD", h, self.wo, dtype=dt, out_dtype=self.out_dtype)
 
 
 class Embed(nnx.Module):

@@ -149,11 +149,28 @@ class Decoder(nnx.Module):
         return self.final_norm(x), cache.replace(self_kv=tuple(new_kv))
 
 
-def _encoder_mask(input_ids, attention_mask, segment_ids) -> ops.Mask:
+def encoder_mask(input_ids, attention_mask, segment_ids=None) -> ops.Mask:
+    """The encoder's self-attention mask from a padding mask or packing segment ids."""
     B, S = input_ids.shape
     if segment_ids is not None:
         return ops.Mask(q_segment_ids=segment_ids, kv_segment_ids=segment_ids)
     return ops.Mask(kv_segment_ids=ops.segment_ids_from_mask(attention_mask, S, B))
+
+
+def decoder_masks(B: int, T: int, S: int, attention_mask=None, decoder_attention_mask=None, *,
+                  encoder_segment_ids=None, decoder_segment_ids=None):
+    """(causal self-attention mask, cross-attention mask) of a teacher-forced decoder pass."""
+    if decoder_segment_ids is not None:
+        if encoder_segment_ids is None:
+            raise ValueError("packed decoding (decoder_segment_ids) needs encoder_segment_ids")
+        return (ops.Mask(q_segment_ids=decoder_segment_ids, kv_segment_ids=decoder_segment_ids,
+                         causal=True),
+                ops.Mask(q_segment_ids=decoder_segment_ids, kv_segment_ids=encoder_segment_ids))
+    kv = (encoder_segment_ids if encoder_segment_ids is not None
+          else ops.segment_ids_from_mask(attention_mask, S, B))
+    return (ops.Mask(kv_segment_ids=ops.segment_ids_from_mask(decoder_attention_mask, T, B),
+                     causal=True),
+            ops.Mask(kv_segment_ids=kv))
 
 
 class T5EncoderModel(nnx.Module):
@@ -168,7 +185,7 @@ class T5EncoderModel(nnx.Module):
     def __call__(self, input_ids, attention_mask=None, *, segment_ids=None, rngs=None,
                  deterministic=True):
         x = self.shared(input_ids)
-        return self.encoder(x, _encoder_mask(input_ids, attention_mask, segment_ids), rngs,
+        return self.encoder(x, encoder_mask(input_ids, attention_mask, segment_ids), rngs,
                             deterministic)
 
     @classmethod
@@ -204,7 +221,7 @@ class T5ForConditionalGeneration(nnx.Module):
                deterministic=True):
         """``[B, S]`` token ids -> encoder hidden states ``[B, S, D]``."""
         return self.encoder(self.shared(input_ids),
-                            _encoder_mask(input_ids, attention_mask, segment_ids), rngs,
+                            encoder_mask(input_ids, attention_mask, segment_ids), rngs,
                             deterministic)
 
     def head(self, hidden):
@@ -223,20 +240,9 @@ class T5ForConditionalGeneration(nnx.Module):
                deterministic=True):
         """Teacher-forced decoder over the whole target: -> logits ``[B, T, V]`` (float32)."""
         B, T = decoder_input_ids.shape
-        if decoder_segment_ids is not None:
-            if encoder_segment_ids is None:
-                raise ValueError("packed decoding (decoder_segment_ids) needs encoder_segment_ids")
-            self_mask = ops.Mask(q_segment_ids=decoder_segment_ids,
-                                 kv_segment_ids=decoder_segment_ids, causal=True)
-            cross_mask = ops.Mask(q_segment_ids=decoder_segment_ids,
-                                  kv_segment_ids=encoder_segment_ids)
-        else:
-            self_mask = ops.Mask(
-                kv_segment_ids=ops.segment_ids_from_mask(decoder_attention_mask, T, B), causal=True)
-            S = encoded.shape[1]
-            kv = (encoder_segment_ids if encoder_segment_ids is not None
-                  else ops.segment_ids_from_mask(attention_mask, S, B))
-            cross_mask = ops.Mask(kv_segment_ids=kv)
+        self_mask, cross_mask = decoder_masks(
+            B, T, encoded.shape[1], attention_mask, decoder_attention_mask,
+            encoder_segment_ids=encoder_segment_ids, decoder_segment_ids=decoder_segment_ids)
         x = self.shared(decoder_input_ids)
         h = self.decoder(x, encoded, self_mask, cross_mask, rngs, deterministic)
         return self.head(h)

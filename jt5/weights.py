@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jt5 import quant
 from jt5.bridge import hf, keymap, native
 from jt5.config import T5Config
 
@@ -84,7 +85,8 @@ def load_hf(path, cls, *, dtype: str | None = None, attention: str | None = None
     graphdef, abstract = nnx.split(abstract_model(config, cls))
     flat = dict(nnx.to_flat_state(abstract))
     placement = None if shardings is None else dict(nnx.to_flat_state(shardings(abstract)))
-    pdt = jnp.dtype(config.param_dtype)
+    # Quantised as they stream in (or dequantised, for a quantised file loaded as float).
+    pairs = quant.adapt(pairs, {p: v.get_value() for p, v in flat.items()}, str(path))
     if progress:
         from tqdm import tqdm
         pairs = tqdm(pairs, total=len(keymap.rules(config, encoder_only=encoder_only)),
@@ -94,7 +96,7 @@ def load_hf(path, cls, *, dtype: str | None = None, attention: str | None = None
         var = flat.get(p)
         if var is None:
             raise hf.CheckpointError(f"keymap produced {p}, which the jt5 model does not have")
-        arr = np.asarray(w).astype(pdt)
+        arr = np.asarray(w).astype(var.get_value().dtype)  # param_dtype; int8/fp8 + f32 scales
         sharding = placement[p] if placement is not None else None
         var.set_value(jax.device_put(arr, sharding) if sharding is not None else jnp.asarray(arr))
         filled.add(p)
@@ -149,5 +151,30 @@ def load_native(path, cls, *, shardings=None, **config_overrides):
     """Restore a jt5 checkpoint as ``cls`` onto ``shardings`` (default: the first device);
     ``config_overrides`` as for ``config_with``."""
     config, _ = native.read_meta(path)
-    graphdef, abstract = nnx.split(abstract_model(config_with(config, **config_overrides), cls))
-    return fill(graphdef, abstract, native.read_params(path, restore_targets(abstract, shardings)))
+    want = config_with(config, **config_overrides)
+    stored = want.replace(weights=config.weights, quantized=config.quantized)  # what orbax holds
+    graphdef, abstract = nnx.split(abstract_model(stored, cls))
+    model = fill(graphdef, abstract, native.read_params(path, restore_targets(abstract, shardings)))
+    return requantize(model, weights=want.weights, quantized=want.quantized, shardings=shardings)
+
+
+def requantize(model, *, weights: str, quantized: tuple = (), shardings=None):
+    """``model`` with its matmul weights stored as ``weights`` ("int8" | "fp8" | "float") for
+    the layer kinds ``quantized`` (``()``: the format's default; ``jt5/quant.py``), a new model
+    built tensor by tensor. ``shardings`` as for ``load_hf``."""
+    config = model.config.replace(weights=weights, quantized=tuple(quantized))
+    if config.quantized_kinds == model.config.quantized_kinds:
+        return model
+    graphdef, abstract = nnx.split(abstract_model(config, type(model)))
+    flat = dict(nnx.to_flat_state(abstract))
+    placement = None if shardings is None else dict(nnx.to_flat_state(shardings(abstract)))
+    pairs = quant.adapt(model_params(model).items(), {p: v.get_value() for p, v in flat.items()},
+                        type(model).__name__)
+    for p, arr in pairs:
+        arr = np.asarray(arr).astype(flat[p].get_value().dtype)
+        sharding = placement[p] if placement is not None else None
+        flat[p].set_value(jax.device_put(arr, sharding) if sharding is not None else jnp.asarray(arr))
+    new = nnx.merge(graphdef, nnx.from_flat_state(flat))
+    if hasattr(model, "generation_config"):
+        new.generation_config = model.generation_config
+    return new

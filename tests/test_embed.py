@@ -86,7 +86,7 @@ def test_encoder_only_export_truncation_and_loaded_models(byt5_dir, tmp_path):
     assert cut.truncated == sum(len(t.encode()) + 1 > 8 for t in TEXTS)
     assert cut.mask.shape[1] == 8
     with pytest.raises(ValueError, match="pooling"):
-        jt5.embed(byt5_dir, TEXTS, pooling="max")
+        jt5.embed(byt5_dir, TEXTS, pooling="median")
 
 
 def test_cli_writes_npy_and_safetensors(byt5_dir, tmp_path, capsys):

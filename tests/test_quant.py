@@ -1,0 +1,143 @@
+"""Weight-only int8 / fp8: a model quantised at load equals transformers running the weights the
+quantisation leaves (per output channel, rounded by numpy / torch's own float8 cast, not by jt5);
+quantised checkpoints save (int8 / F8_E4M3 tensors + ``weight_scale``) and reload; the decoder
+and ``generate`` take the same option; bad requests fail with one clear message."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+import jt5
+from jt5 import quant
+from tests import hf_models
+from tests.conftest import assert_close
+
+# transformers module names of each layer kind (nn.Linear weights are [out, in])
+KIND_NAMES = {"mlp_in": ("wi", "wi_0", "wi_1"), "mlp_out": ("wo",), "attn_qkv": ("q", "k", "v"),
+              "attn_out": ("o",)}
+
+
+def _fake_quant(w, fmt):
+    """What quantising ``w`` [out, in] per output row leaves, in torch (the oracle's rounding)."""
+    import torch
+    qmax = 127.0 if fmt == "int8" else 448.0
+    scale = w.abs().amax(dim=1, keepdim=True) / qmax
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    x = (w / scale).clamp(-qmax, qmax)
+    x = x.round() if fmt == "int8" else x.to(torch.float8_e4m3fn).float()
+    return x * scale
+
+
+def _reference(model, fmt, kinds):
+    """``model`` (transformers) with the weights of ``kinds`` replaced by their quantised values."""
+    import torch
+    names = {n for k in kinds for n in KIND_NAMES[k]}
+    with torch.no_grad():
+        for name, mod in model.named_modules():
+            if isinstance(mod, torch.nn.Linear) and name.split(".")[-1] in names:
+                if name.startswith(("lm_head", "shared")):
+                    continue
+                mod.weight.copy_(_fake_quant(mod.weight.float(), fmt))
+    return model
+
+
+@pytest.fixture(scope="module")
+def t5_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("t5q")
+    hf_models.build("t5-v1_1", d)
+    return d
+
+
+@pytest.mark.parametrize("fmt,kinds", [("int8", ()), ("fp8", ()), ("int8", ("mlp_in",))])
+def test_quantised_at_load_equals_transformers_on_the_quantised_weights(t5_dir, fmt, kinds):
+    model = jt5.T5ForConditionalGeneration.from_pretrained(t5_dir, weights=fmt, quantized=kinds)
+    want = kinds or jt5.config.QUANT_DEFAULT[fmt]
+    assert model.config.quantized_kinds == tuple(want)
+    ref = _reference(hf_models.build("t5-v1_1", t5_dir.parent / f"ref-{fmt}-{len(kinds)}"), fmt,
+                     want)
+    ids, mask, dec = hf_models.inputs(99)
+    expected = hf_models.hf_reference_logits(ref, "t5-v1_1", ids, mask, dec)
+    assert_close(model(ids, dec, mask), expected, dtype="float32", check="logits",
+                 what=f"{fmt} {want} vs transformers on the quantised weights")
+    float_model = jt5.T5ForConditionalGeneration.from_pretrained(t5_dir)
+    assert np.abs(np.asarray(float_model(ids, dec, mask)) - expected).max() > 1e-4  # not a no-op
+
+
+def test_saved_checkpoint_reloads_and_generates(t5_dir, tmp_path):
+    from safetensors import safe_open
+
+    from jt5.weights import load_native, save_native
+    ids, mask, dec = hf_models.inputs(99)
+    for fmt, dtype in (("int8", "I8"), ("fp8", "F8_E4M3")):
+        model = jt5.T5ForConditionalGeneration.from_pretrained(t5_dir, weights=fmt)
+        out = np.asarray(model(ids, dec, mask))
+        model.save_pretrained(tmp_path / fmt)
+        cfg = json.loads((tmp_path / fmt / "config.json").read_text())
+        assert cfg["quantization_config"] == {"quant_method": "jt5", "weights": fmt,
+                                              "layers": list(jt5.config.QUANT_DEFAULT[fmt])}
+        key = "encoder.block.0.layer.1.DenseReluDense.wi_0.weight"
+        with open(tmp_path / fmt / "model.safetensors", "rb") as f:
+            header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+        assert header[key]["dtype"] == dtype and header[key + "_scale"]["shape"] == [48]
+        assert header["shared.weight"]["dtype"] == "F32"  # embeddings stay high precision
+        with safe_open(str(tmp_path / fmt / "model.safetensors"), "numpy") as h:
+            assert "encoder.block.0.layer.0.layer_norm.weight" in h.keys()
+        again = jt5.T5ForConditionalGeneration.from_pretrained(tmp_path / fmt)
+        assert again.config.weights == fmt
+        np.testing.assert_array_equal(np.asarray(again(ids, dec, mask)), out)
+        # read back as float: the dequantised weights, the same function
+        wide = jt5.T5ForConditionalGeneration.from_pretrained(tmp_path / fmt, weights="float")
+        assert wide.config.weights == "float"
+        assert_close(wide(ids, dec, mask), out, dtype="float32", check="logits",
+                     what=f"{fmt} file read as float")
+        # jt5's own checkpoint keeps the quantised tensors too
+        save_native(model, tmp_path / f"{fmt}-native")
+        native = load_native(tmp_path / f"{fmt}-native", jt5.T5ForConditionalGeneration)
+        np.testing.assert_array_equal(np.asarray(native(ids, dec, mask)), out)
+        np.testing.assert_array_equal(model.generate(ids, mask, max_new_tokens=6),
+                                      again.generate(ids, mask, max_new_tokens=6))
+    with pytest.raises(ValueError, match="stored as int8"):
+        jt5.T5ForConditionalGeneration.from_pretrained(tmp_path / "int8", weights="fp8")
+
+
+def test_generate_with_int8_weights_equals_transformers(t5_dir):
+    import torch
+    ref = _reference(hf_models.build("t5-v1_1", t5_dir.parent / "gen-ref"), "int8",
+                     jt5.config.QUANT_DEFAULT["int8"])
+    model = jt5.T5ForConditionalGeneration.from_pretrained(t5_dir, weights="int8")
+    ids, mask, _ = hf_models.inputs(99)
+    got = model.generate(ids, mask, max_new_tokens=8, min_new_tokens=8)
+    with torch.no_grad():
+        want = ref.generate(input_ids=torch.as_tensor(ids), attention_mask=torch.as_tensor(mask),
+                            max_new_tokens=8, min_new_tokens=8, do_sample=False).numpy()
+    np.testing.assert_array_equal(np.asarray(got)[:, :want.shape[1]], want)
+
+
+def test_memory_and_what_is_never_quantised(t5_dir):
+    f32 = jt5.T5EncoderModel.from_pretrained(t5_dir)
+    q = jt5.T5EncoderModel.from_pretrained(t5_dir, weights="int8")
+    cfg = f32.config
+    D, F, NH, L = cfg.d_model, cfg.d_ff, cfg.num_heads * cfg.d_kv, cfg.num_layers
+    matmul = L * (3 * D * NH + NH * D + 2 * D * F + F * D)
+    scales = L * (3 * NH + D + 2 * F + D) * 4
+    assert quant.weight_bytes(f32) - quant.weight_bytes(q) == matmul * 4 - matmul - scales
+    from jt5.weights import model_params
+    for path, a in model_params(q).items():
+        if quant.layer_kind(path[:-1]) is None:  # norms, embeddings, bias tables
+            assert a.dtype == np.float32, path
+
+
+def test_bad_requests_are_one_clear_error(t5_dir, tmp_path):
+    with pytest.raises(ValueError, match="weights='int4' must be one of"):
+        jt5.T5EncoderModel.from_pretrained(t5_dir, weights="int4")
+    with pytest.raises(ValueError, match="unknown layer kinds"):
+        jt5.T5EncoderModel.from_pretrained(t5_dir, weights="int8", quantized=("embeddings",))
+    import shutil
+    shutil.copytree(t5_dir, tmp_path / "bnb")
+    cfg = json.loads((tmp_path / "bnb" / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_8bit": True}
+    (tmp_path / "bnb" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="bitsandbytes.*not jt5's"):
+        jt5.T5EncoderModel.from_pretrained(tmp_path / "bnb")
