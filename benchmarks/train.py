@@ -3,6 +3,7 @@
     python benchmarks/train.py                                # GPU: t5-v1_1-base, 512/114, bf16
     python benchmarks/train.py --preset tiny --steps 3        # CPU: tiny, xla only (the default)
     python benchmarks/train.py --attention pallas,xla --json out.json
+    python benchmarks/train.py --preset t5-v1_1-small --peer transformers --steps 5   # CPU
 
 Each attention implementation runs the same jitted, donated train step of ``train/step.py``
 (Adafactor by default, as T5 / UL2 pretraining, gradient clipping, z-loss) on the same real UL2
@@ -104,6 +105,132 @@ def bench_one(cfg: jt5.T5Config, optim: step_lib.OptimConfig, mesh, batches: lis
             "temp_bytes": getattr(mem, "temp_size_in_bytes", None), "peak_bytes": peak_bytes}
 
 
+# -- against transformers' PyTorch model (CPU) -------------------------------------------------
+def _real_tokens(batch) -> int:
+    return int((batch["encoder_segment_ids"] > 0).sum() + (batch["decoder_segment_ids"] > 0).sum())
+
+
+def _stats(times: list) -> dict:
+    t = sorted(times)
+    return {"min": t[0], "median": t[len(t) // 2], "max": t[-1]}
+
+
+def peer_steps(cfg: jt5.T5Config, batches: list, steps: int, warmup: int, lr: float) -> dict:
+    """The same train step in transformers' PyTorch T5 (same weights, loss, AdamW, clipping):
+    per-step seconds and the first step's loss. Unpacked batches only: transformers' T5 has no
+    segment ids, so a packed row would attend across its examples."""
+    import tempfile
+
+    import numpy as np
+    import torch
+    import transformers
+
+    with tempfile.TemporaryDirectory() as tmp:
+        jt5.init_model(cfg.replace(dtype="float32", param_dtype="float32")).save_pretrained(tmp)
+        model = transformers.T5ForConditionalGeneration.from_pretrained(
+            tmp, dtype=torch.float32, attn_implementation="eager")
+    model.train()
+    for m in model.modules():  # jt5's presets train without dropout
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.99), eps=1e-8,
+                            weight_decay=0.0)
+
+    def step(b):
+        enc, dec = (torch.from_numpy(np.asarray(b[k], np.int64)) for k in
+                    ("encoder_input_tokens", "decoder_input_tokens"))
+        labels = torch.from_numpy(np.where(b["decoder_loss_weights"] > 0,
+                                           b["decoder_target_tokens"], -100).astype(np.int64))
+        out = model(input_ids=enc, attention_mask=torch.from_numpy(
+                        (b["encoder_segment_ids"] > 0).astype(np.int64)),
+                    decoder_input_ids=dec, decoder_attention_mask=torch.from_numpy(
+                        (b["decoder_segment_ids"] > 0).astype(np.int64)), labels=labels)
+        opt.zero_grad(set_to_none=True)
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        return float(out.loss)
+
+    first = step(batches[0])
+    for i in range(1, warmup):
+        step(batches[i % len(batches)])
+    times = []
+    for i in range(steps):
+        t0 = time.perf_counter()
+        step(batches[(warmup + i) % len(batches)])
+        times.append(time.perf_counter() - t0)
+    return {"times": times, "first_loss": first}
+
+
+def jt5_steps(cfg: jt5.T5Config, optim: step_lib.OptimConfig, batches: list, steps: int,
+              warmup: int) -> dict:
+    """jt5's jitted, donated train step on one device: per-step seconds and the first loss."""
+    graphdef, state = nnx.split(jt5.init_model(cfg))
+    tx = step_lib.make_optimizer(optim)
+    st = step_lib.init_state(nnx.to_pure_dict(state), tx, 0)
+    train_step = jax.jit(step_lib.make_train_step(graphdef, optim, tx), donate_argnums=0)
+    t0 = time.perf_counter()
+    compiled = train_step.lower(st, batches[0]).compile()
+    compile_s = time.perf_counter() - t0
+    st, m = compiled(st, batches[0])
+    first = float(m["loss"])
+    for i in range(1, warmup):
+        st, m = compiled(st, batches[i % len(batches)])
+    jax.block_until_ready(st)
+    times = []
+    for i in range(steps):
+        t0 = time.perf_counter()
+        st, m = compiled(st, batches[(warmup + i) % len(batches)])
+        jax.block_until_ready(st)
+        times.append(time.perf_counter() - t0)
+    return {"times": times, "first_loss": first, "compile_s": compile_s}
+
+
+def versus_transformers(args) -> list:
+    """``--peer transformers``: jt5 and transformers on the same unpacked UL2 batches (and jt5 on
+    packed ones), AdamW, float32, one CPU process; tokens/s count non-padding tokens only."""
+    import torch
+
+    B = args.batch_size or 8
+    S, T = args.inputs_length or 128, args.targets_length or 32
+    n = max(2, args.steps + args.warmup)
+    make = {pack: Pipeline(DataConfig(inputs_length=S, targets_length=T, batch_size=B, pack=pack,
+                                      seed=1)) for pack in (False, True)}
+    batches = {pack: [make[pack].batch(i) for i in range(n)] for pack in make}
+    cfg = jt5.preset(args.preset, dtype="float32", param_dtype="float32", attention="xla")
+    lr = 1e-3
+    optim = step_lib.OptimConfig(optimizer="adamw", lr=lr, warmup_steps=0, schedule="constant",
+                                 total_steps=1000, z_loss=0.0, clip=1.0, b1=0.9, b2=0.99)
+    runs = [("jt5", False, jt5_steps(cfg, optim, batches[False], args.steps, args.warmup)),
+            ("transformers", False, peer_steps(cfg, batches[False], args.steps, args.warmup, lr)),
+            ("jt5", True, jt5_steps(cfg, optim, batches[True], args.steps, args.warmup))]
+    rows = []
+    for name, packed, r in runs:
+        order = [batches[packed][(args.warmup + i) % n] for i in range(args.steps)]
+        real = sum(_real_tokens(b) for b in order) / args.steps
+        st = _stats(r["times"])
+        rows.append(dict(impl=name, packed=packed, preset=args.preset, batch=B, inputs_length=S,
+                         targets_length=T, real_tokens_per_step=real,
+                         step_s=st, real_tokens_per_s={k: real / v for k, v in st.items()},
+                         first_loss=r["first_loss"], compile_s=r.get("compile_s")))
+    print(f"UL2 train step (forward, backward, AdamW, clip 1.0), {args.preset} float32, B={B} "
+          f"S={S} T={T}, 1 CPU process ({torch.get_num_threads()} torch threads); "
+          f"{args.steps} timed steps after {args.warmup}; tokens/s count non-padding tokens")
+    print(f"{'impl':>13} {'packed':>6} {'real tok/step':>13} {'step s min/med/max':>22} "
+          f"{'real tok/s (median)':>19} {'first loss':>10}")
+    for r in rows:
+        s = r["step_s"]
+        print(f"{r['impl']:>13} {str(r['packed']):>6} {r['real_tokens_per_step']:13.0f} "
+              f"{s['min']:6.3f}/{s['median']:6.3f}/{s['max']:6.3f} "
+              f"{r['real_tokens_per_s']['median']:19.0f} {r['first_loss']:10.4f}")
+    base = rows[1]["real_tokens_per_s"]["median"]
+    print(f"jt5 / transformers per real token (median): same batch "
+          f"{rows[0]['real_tokens_per_s']['median'] / base:.2f}x, jt5 packed "
+          f"{rows[2]['real_tokens_per_s']['median'] / base:.2f}x; first-step loss |jt5 - "
+          f"transformers| = {abs(rows[0]['first_loss'] - rows[1]['first_loss']):.2e}")
+    return rows
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -124,7 +251,15 @@ def main(argv=None):
     p.add_argument("--peak-tflops", type=float, default=989.0,
                    help="per-device peak for MFU (default 989: H100 SXM dense bf16)")
     p.add_argument("--json", default=None, metavar="PATH", help="also write the rows as JSON ('-': stdout)")
+    p.add_argument("--peer", choices=("transformers",), default=None,
+                   help="time transformers' PyTorch model on the same batches and optimizer "
+                        "(CPU; defaults then: B=8, 128/32, AdamW, float32)")
     args = p.parse_args(argv)
+    if args.peer:
+        rows = versus_transformers(args)
+        if args.json:
+            Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
+        return rows
 
     on_cpu = jax.default_backend() == "cpu"
     B = args.batch_size or (8 if on_cpu else 64)

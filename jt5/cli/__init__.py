@@ -20,7 +20,7 @@ from jt5.cli.common import Parser
 
 # Subcommand -> its module in this package (imported when the parser is built; the modules
 # import the heavy parts of jt5 inside ``run``).
-COMMANDS = ("pretrain", "bench", "generate", "convert", "finetune", "embed", "plan")
+COMMANDS = ("pretrain", "bench", "generate", "convert", "finetune", "embed", "plan", "tokenizer")
 
 
 def command(name: str):
