@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Iterator, Mapping
 
@@ -166,17 +167,61 @@ class StateDict(Mapping):
 
 
 def _shape(state_dict, key) -> tuple:
-    return state_dict.shape(key) if isinstance(state_dict, StateDict) else tuple(
+    return state_dict.shape(key) if isinstance(state_dict, (StateDict, Unprefixed)) else tuple(
         np.shape(state_dict[key]))
 
 
-def _check_keys(state_dict, config: T5Config, rules, *, encoder_only: bool, source: str):
-    """Every tensor the config needs is there with the right shape; nothing is left over."""
-    used = {r.hf for r in rules}
-    missing = [r.hf for r in rules if r.hf not in state_dict]
+class Unprefixed(Mapping):
+    """A task head's state dict (base-model keys under ``transformer.``) seen with the base
+    model's own names; the head's tensors keep theirs. So one set of rules reads a head
+    checkpoint, a base checkpoint into a head, and a head checkpoint into a base model, as
+    transformers' prefix handling in ``from_pretrained`` does."""
+
+    def __init__(self, state_dict: Mapping, prefix: str = keymap.BASE_PREFIX):
+        self.inner = state_dict
+        self._names = {}
+        for k in state_dict:
+            name = k[len(prefix):] if k.startswith(prefix) else k
+            if name in self._names:
+                raise CheckpointError(f"both {k} and {self._names[name]} are in the checkpoint")
+            self._names[name] = k
+
+    def __getitem__(self, key):
+        return self.inner[self._names[key]]
+
+    def shape(self, key) -> tuple:
+        return _shape(self.inner, self._names[key])
+
+    def __iter__(self):
+        return iter(self._names)
+
+    def __len__(self):
+        return len(self._names)
+
+
+def _without_prefix(state_dict: Mapping) -> Mapping:
+    if any(k.startswith(keymap.BASE_PREFIX) for k in state_dict):
+        return Unprefixed(state_dict)
+    return state_dict
+
+
+def _check_keys(state_dict, config: T5Config, rules, *, encoder_only: bool, source: str,
+                head: str | None = None):
+    """Every tensor the config needs is there with the right shape; nothing is left over.
+
+    A head's own tensors may be absent all together (a base checkpoint loaded into a head: they
+    are initialised fresh, ``jt5.weights`` says which). Returns the tensors left unused and
+    announced (``lm_head.weight`` under a head, another head's tensors) as transformers does."""
+    head_keys = {r.hf for r in keymap.head_rules(config, head)} if head else set()
+    absent = [r.hf for r in rules if r.hf not in state_dict]
+    missing = [k for k in absent if k not in head_keys]
+    if 0 < len(absent) - len(missing) < len(head_keys):  # part of a head: a broken file
+        missing = absent
     if missing:
         raise CheckpointError(f"{source}: missing {len(missing)} tensor(s) that config.json "
                               f"requires, e.g. {missing[:5]}")
+    rules = [r for r in rules if r.hf in state_dict]
+    used = {r.hf for r in rules}
     for r in rules:
         got, want = _shape(state_dict, r.hf), keymap.hf_shape(r)
         if got != want:
@@ -189,7 +234,11 @@ def _check_keys(state_dict, config: T5Config, rules, *, encoder_only: bool, sour
         return k in _TIED_COPIES or (encoder_only and (k.startswith("decoder.") or
                                                        k == "lm_head.weight"))
 
-    unexpected = [k for k in state_dict if k not in used and not ignorable(k)]
+    def announced(k):
+        return k.startswith(keymap.HEAD_KEY_ROOTS) or (head is not None and k == "lm_head.weight")
+
+    unused = [k for k in state_dict if k not in used and not ignorable(k) and announced(k)]
+    unexpected = [k for k in state_dict if k not in used and not ignorable(k) and not announced(k)]
     if unexpected:
         raise CheckpointError(
             f"{source}: {len(unexpected)} unexpected tensor(s) for a {config.model_type} model "
@@ -201,6 +250,7 @@ def _check_keys(state_dict, config: T5Config, rules, *, encoder_only: bool, sour
             if not np.array_equal(np.asarray(state_dict[k]), np.asarray(state_dict["shared.weight"])):
                 raise CheckpointError(f"{source}: {k} differs from shared.weight; T5 ties the "
                                       f"input embeddings of both stacks to shared.weight")
+    return rules, unused
 
 
 def _config_dict(hf_config) -> Mapping:
@@ -214,27 +264,44 @@ def _config_dict(hf_config) -> Mapping:
 
 
 def iter_hf_to_jt5(state_dict: Mapping, hf_config: Mapping, *, encoder_only: bool = False,
-                   source: str = "state dict") -> tuple[T5Config, Iterator]:
-    """Validate, then stream ``(jt5 path, array)`` pairs one tensor at a time."""
+                   head: str | None = None, source: str = "state dict"
+                   ) -> tuple[T5Config, Iterator]:
+    """Validate, then stream ``(jt5 path, array)`` pairs one tensor at a time.
+
+    ``head``: read for a task head (``keymap.HEADS``); a checkpoint without the head's tensors
+    yields none for them. Tensors left unused by design (another head's, ``lm_head`` under a
+    head) are announced with a warning naming them."""
     hf_config = _config_dict(hf_config)
+    state_dict = _without_prefix(state_dict)
+    if head is not None:
+        encoder_only = keymap.HEADS[head].encoder_only
     config = keymap.config_from_hf(
-        hf_config, has_lm_head=(not encoder_only and "lm_head.weight" in state_dict),
-        source=source)
-    rules = keymap.rules(config, encoder_only=encoder_only)
-    _check_keys(state_dict, config, rules, encoder_only=encoder_only, source=source)
+        hf_config, has_lm_head=(head is None and not encoder_only
+                                and "lm_head.weight" in state_dict), source=source)
+    rules = [r._replace(hf=r.hf[len(keymap.BASE_PREFIX):])
+             if r.hf.startswith(keymap.BASE_PREFIX) else r
+             for r in keymap.rules(config, encoder_only=encoder_only, head=head)]
+    rules, unused = _check_keys(state_dict, config, rules, encoder_only=encoder_only,
+                                source=source, head=head)
+    if unused:
+        warnings.warn(f"{source}: {len(unused)} tensor(s) of the checkpoint are not used by this "
+                      f"model: {unused[:8]}", stacklevel=3)
     return config, ((r.jt5, keymap.to_jt5(r, np.asarray(state_dict[r.hf]))) for r in rules)
 
 
-def hf_to_jt5(state_dict: Mapping, hf_config: Mapping, *, encoder_only: bool = False):
+def hf_to_jt5(state_dict: Mapping, hf_config: Mapping, *, encoder_only: bool = False,
+              head: str | None = None):
     """transformers state dict (numpy) + raw config dict (or a transformers config object)
     -> ``(T5Config, {jt5 path: array})``."""
-    config, pairs = iter_hf_to_jt5(state_dict, hf_config, encoder_only=encoder_only)
+    config, pairs = iter_hf_to_jt5(state_dict, hf_config, encoder_only=encoder_only, head=head)
     return config, dict(pairs)
 
 
-def jt5_to_hf(config: T5Config, params: Mapping, *, encoder_only: bool = False):
-    """``{jt5 path: array}`` -> ``(transformers state dict, config.json dict)`` (numpy)."""
-    rules = keymap.rules(config, encoder_only=encoder_only)
+def jt5_to_hf(config: T5Config, params: Mapping, *, encoder_only: bool = False,
+              head: str | None = None):
+    """``{jt5 path: array}`` -> ``(transformers state dict, config.json dict)`` (numpy).
+    ``head``: the parameters are a task head's (``keymap.HEADS``)."""
+    rules = keymap.rules(config, encoder_only=encoder_only, head=head)
     missing = [r.jt5 for r in rules if r.jt5 not in params]
     if missing:
         raise CheckpointError(f"jt5 params lack {missing[:5]}")
@@ -245,10 +312,11 @@ def jt5_to_hf(config: T5Config, params: Mapping, *, encoder_only: bool = False):
             raise CheckpointError(f"jt5 param {'/'.join(map(str, r.jt5))} has shape {w.shape}, "
                                   f"config implies {r.shape}")
         sd[r.hf] = np.ascontiguousarray(keymap.to_hf(r, w))
-    written = not encoder_only and keymap.head_is_written(config)
+    written = head is None and not encoder_only and keymap.head_is_written(config)
     if written and "lm_head.weight" not in sd:  # shared head, unscaled: write it as a copy
         sd["lm_head.weight"] = sd["shared.weight"].copy()
-    hf_config = keymap.config_to_hf(config, encoder_only=encoder_only, head_written=written)
+    hf_config = keymap.config_to_hf(config, encoder_only=encoder_only, head_written=written,
+                                    head=head)
     dtypes = {str(a.dtype) for a in sd.values()}
     if len(dtypes) == 1:
         hf_config["torch_dtype"] = dtypes.pop()

@@ -27,6 +27,86 @@ ARCHITECTURES = {
     ("longt5", False): "LongT5ForConditionalGeneration", ("longt5", True): "LongT5EncoderModel",
 }
 
+# Task heads (jt5.heads) as transformers stores them: the class name after the model-type prefix
+# (T5/MT5/UMT5/LongT5), the prefix of the base model's keys ("transformer.": the head wraps a
+# T5Model / T5EncoderModel under that name), and whether the decoder is part of the model.
+# "encoder-classification" is jt5's (transformers has no class for it): T5ForTokenClassification's
+# layout (an encoder under "transformer.") with T5ClassificationHead's tensors, so transformers'
+# T5EncoderModel.from_pretrained reads its encoder.
+class HeadSpec(NamedTuple):
+    suffix: str
+    prefix: str
+    encoder_only: bool
+
+
+HEADS = {
+    "sequence-classification": HeadSpec("ForSequenceClassification", "transformer.", False),
+    "token-classification": HeadSpec("ForTokenClassification", "transformer.", True),
+    "question-answering": HeadSpec("ForQuestionAnswering", "", False),
+    "encoder-classification": HeadSpec("EncoderForSequenceClassification", "transformer.", True),
+}
+_CLASS_PREFIX = {"t5": "T5", "mt5": "MT5", "umt5": "UMT5", "longt5": "LongT5"}
+BASE_PREFIX = "transformer."  # T5PreTrainedModel.base_model_prefix
+# Every head's own tensors start with one of these (so a checkpoint's leftovers are known).
+HEAD_KEY_ROOTS = ("classification_head.", "classifier.", "qa_outputs.")
+
+
+def head_architecture(model_type: str, head: str) -> str:
+    return _CLASS_PREFIX[model_type] + HEADS[head].suffix
+
+
+def architecture_kind(raw: Mapping):
+    """What ``config.json``'s ``architectures`` names: a head (``HEADS`` key), ``"encoder"``
+    (a *EncoderModel), ``"seq2seq"`` (*ForConditionalGeneration) or None (absent / other)."""
+    names = raw.get("architectures") or []
+    name = names[0] if isinstance(names, list) and names else None
+    prefix = _CLASS_PREFIX.get(raw.get("model_type"))
+    if not isinstance(name, str) or prefix is None or not name.startswith(prefix):
+        return None
+    rest = name[len(prefix):]
+    for head, spec in HEADS.items():
+        if rest == spec.suffix:
+            return head
+    return {"EncoderModel": "encoder", "ForConditionalGeneration": "seq2seq"}.get(rest)
+
+
+def _head_fields(raw: Mapping, source: str) -> dict:
+    """num_labels / id2label / problem_type / classifier_* as jt5 keeps them. transformers
+    derives num_labels from id2label (keys are strings in JSON); its default names LABEL_i are
+    kept as ``()`` so a file with and one without them give the same config."""
+    out = {}
+    id2label = raw.get("id2label")
+    if isinstance(id2label, Mapping) and id2label:
+        try:
+            pairs = sorted((int(k), str(v)) for k, v in id2label.items())
+        except ValueError as e:
+            raise ValueError(f"{source}: id2label keys must be integers ({e})") from e
+        if [k for k, _ in pairs] != list(range(len(pairs))):
+            raise ValueError(f"{source}: id2label keys must be 0..{len(pairs) - 1}, got "
+                             f"{[k for k, _ in pairs]}")
+        names = tuple(v for _, v in pairs)
+        out["num_labels"] = len(names)
+        out["id2label"] = () if names == tuple(f"LABEL_{i}" for i in range(len(names))) else names
+    elif raw.get("num_labels") is not None:
+        out["num_labels"] = int(raw["num_labels"])
+    for k in ("problem_type", "classifier_pooling"):
+        if raw.get(k) is not None:
+            out[k] = str(raw[k])
+    if raw.get("classifier_dropout") is not None:
+        out["classifier_dropout"] = float(raw["classifier_dropout"])
+    return out
+
+
+def _head_config(config: T5Config, head: str) -> dict:
+    names = config.id2label or tuple(f"LABEL_{i}" for i in range(config.num_labels))
+    out = {"id2label": {str(i): n for i, n in enumerate(names)},
+           "label2id": {n: i for i, n in enumerate(names)},
+           "problem_type": config.problem_type, "classifier_dropout": config.classifier_dropout}
+    if head == "encoder-classification":
+        out["classifier_pooling"] = config.classifier_pooling
+    return out
+
+
 # transformers' defaults for keys a config.json may omit (per model_type).
 _HF_DEFAULTS = {
     "t5": dict(vocab_size=32128, d_model=512, d_kv=64, d_ff=2048, num_layers=6, num_heads=8,
@@ -120,7 +200,7 @@ def config_from_hf(raw: Mapping, *, has_lm_head: bool, source: str = "config.jso
             tie_word_embeddings=not has_lm_head,
             scale_decoder_outputs=_scale_decoder_outputs(raw),
             relative_bias_per_layer=(mt == "umt5"), model_type=mt, **quant.fields_from_hf(raw),
-            **_longt5_fields(d, mt),
+            **_longt5_fields(d, mt), **_head_fields(raw, source),
             pad_token_id=int(d["pad_token_id"]), eos_token_id=int(eos),
             decoder_start_token_id=int(d["decoder_start_token_id"]))
     except (ValueError, TypeError) as e:
@@ -128,19 +208,22 @@ def config_from_hf(raw: Mapping, *, has_lm_head: bool, source: str = "config.jso
 
 
 def config_to_hf(config: T5Config, *, encoder_only: bool = False,
-                 head_written: bool) -> dict:
+                 head_written: bool, head: str | None = None) -> dict:
     """A ``config.json`` dict that transformers v4 and v5 both read as ``config`` means.
 
     ``tie_word_embeddings`` is what v4 uses for tying and scaling; ``scale_decoder_outputs`` is
     what v5 reads for T5. ``head_written``: whether ``lm_head.weight`` is in the state dict.
+    ``head``: a task head (``HEADS``): its architecture and label fields.
     """
     mt = config.model_type
     longt5 = ({} if mt != "longt5" else
               {"encoder_attention_type": config.encoder_attention_type,
                "local_radius": config.local_radius, "global_block_size": config.global_block_size})
+    arch = (head_architecture(mt, head) if head is not None
+            else ARCHITECTURES[(mt, encoder_only)])
     return {
-        **longt5,
-        "architectures": [ARCHITECTURES[(mt, encoder_only)]],
+        **longt5, **({} if head is None else _head_config(config, head)),
+        "architectures": [arch],
         "model_type": mt,
         "vocab_size": config.vocab_size, "d_model": config.d_model, "d_kv": config.d_kv,
         "d_ff": config.d_ff, "num_layers": config.num_layers,
@@ -170,7 +253,34 @@ def head_is_written(config: T5Config) -> bool:
     return not (config.tie_word_embeddings and config.scale_decoder_outputs)
 
 
-def rules(config: T5Config, *, encoder_only: bool = False) -> list[Rule]:
+def head_rules(config: T5Config, head: str) -> list[Rule]:
+    """The head's own tensors (``nn.Linear``: weight ``[out, in]`` and a bias)."""
+    D = config.d_model
+    if head in ("sequence-classification", "encoder-classification"):
+        layers = [("classification_head", "dense", D), ("classification_head", "out_proj",
+                                                         config.num_labels)]
+    elif head == "token-classification":
+        layers = [(None, "classifier", config.num_labels)]
+    elif head == "question-answering":
+        layers = [(None, "qa_outputs", 2)]  # start and end logits
+    else:
+        raise ValueError(f"unknown head {head!r}; expected one of {sorted(HEADS)}")
+    out = []
+    for module, name, n_out in layers:
+        path, key = ((module, name), f"{module}.{name}") if module else ((name,), name)
+        out.append(Rule(path + ("kernel",), f"{key}.weight", "linear", (D, n_out)))
+        out.append(Rule(path + ("bias",), f"{key}.bias", "copy", (n_out,)))
+    return out
+
+
+def rules(config: T5Config, *, encoder_only: bool = False, head: str | None = None
+          ) -> list[Rule]:
+    """The base model's tensors (``shared``, ``encoder``, ``decoder``, ``lm_head``), or with
+    ``head`` a task head's: the base without ``lm_head`` under the head's prefix + its own."""
+    if head is not None:
+        spec = HEADS[head]
+        base = rules(config.replace(tie_word_embeddings=True), encoder_only=spec.encoder_only)
+        return [r._replace(hf=spec.prefix + r.hf) for r in base] + head_rules(config, head)
     D, N, H, F, K = (config.d_model, config.num_heads, config.d_kv, config.d_ff,
                      config.relative_attention_num_buckets)
     out = [Rule(("shared", "embedding"), "shared.weight", "copy", (config.vocab_size, D))]

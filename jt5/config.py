@@ -21,6 +21,8 @@ WEIGHT_FORMATS = ("float", "int8", "fp8")
 QUANT_KINDS = ("mlp_in", "mlp_out", "attn_qkv", "attn_out")
 QUANT_DEFAULT = {"int8": ("mlp_in", "mlp_out", "attn_qkv", "attn_out"),
                  "fp8": ("mlp_in", "mlp_out", "attn_qkv", "attn_out")}
+# transformers' PretrainedConfig.problem_type values (None: decided from the labels).
+PROBLEM_TYPES = (None, "single_label_classification", "multi_label_classification", "regression")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,6 +64,14 @@ class T5Config:
     pad_token_id: int = 0
     eos_token_id: int = 1
     decoder_start_token_id: int = 0
+    # Task heads (jt5.heads; transformers' config.json keys). ``id2label``: the name of label i
+    # (() = transformers' LABEL_i); ``classifier_pooling``: how T5EncoderForSequenceClassification
+    # pools the encoder states (jt5.pooling: "mean" over real tokens or the "first" token).
+    num_labels: int = 2
+    id2label: tuple = ()
+    problem_type: Optional[str] = None
+    classifier_dropout: float = 0.0
+    classifier_pooling: str = "mean"
     # Numerics and execution (not part of a checkpoint).
     dtype: str = "float32"  # activations / matmul inputs
     param_dtype: str = "float32"
@@ -102,6 +112,7 @@ class T5Config:
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be positive")
         self._check_encoder_attention()
+        self._check_head_fields()
         self._check_weights()
         if self.relative_attention_num_buckets < 4:
             raise ValueError("relative_attention_num_buckets must be >= 4 (half exact, half log)")
@@ -133,6 +144,22 @@ class T5Config:
         if self.num_global_tokens and t != "local":
             raise ValueError(f"num_global_tokens={self.num_global_tokens} applies to "
                              f"encoder_attention_type='local' only, not {t!r}")
+
+    def _check_head_fields(self):
+        # JSON (jt5_config.json, run metadata) gives a list back: keep the config hashable.
+        object.__setattr__(self, "id2label", tuple(str(x) for x in self.id2label))
+        if self.num_labels < 1:
+            raise ValueError(f"num_labels={self.num_labels} must be >= 1")
+        if self.id2label and len(self.id2label) != self.num_labels:
+            raise ValueError(f"id2label names {len(self.id2label)} labels but num_labels="
+                             f"{self.num_labels}")
+        if self.problem_type not in PROBLEM_TYPES:
+            raise ValueError(f"problem_type={self.problem_type!r} must be one of {PROBLEM_TYPES}")
+        if self.classifier_pooling not in ("mean", "first"):
+            raise ValueError(f"classifier_pooling={self.classifier_pooling!r} must be 'mean' or "
+                             "'first'")
+        if not 0.0 <= self.classifier_dropout < 1.0:
+            raise ValueError(f"classifier_dropout={self.classifier_dropout} must be in [0, 1)")
 
     def _check_weights(self):
         if self.weights not in WEIGHT_FORMATS:

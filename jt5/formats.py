@@ -86,18 +86,40 @@ def load_config(path):
     return config_from_dict(ckpt.read_meta(step_dir)["model_config"], str(step_dir / "data"))
 
 
+def model_classes() -> dict:
+    """Every model class a checkpoint can name (transformers' ``architectures`` or a jt5
+    checkpoint's ``model_class``), by jt5 class name."""
+    from jt5.heads import HEAD_CLASSES
+    from jt5.model import T5EncoderModel, T5ForConditionalGeneration
+    return {c.__name__: c for c in (T5ForConditionalGeneration, T5EncoderModel,
+                                    *HEAD_CLASSES.values())}
+
+
+def stored_class(path):
+    """The jt5 class a transformers directory's ``architectures`` names (a task head, an encoder
+    or a seq2seq model; T5ForConditionalGeneration when it names none of them)."""
+    from jt5.bridge import hf, keymap
+    from jt5.heads import HEAD_CLASSES
+    from jt5.model import T5EncoderModel, T5ForConditionalGeneration
+    kind = keymap.architecture_kind(hf.read_config(path))
+    return (HEAD_CLASSES[kind] if kind in HEAD_CLASSES else
+            T5EncoderModel if kind == "encoder" else T5ForConditionalGeneration)
+
+
 def load(path, cls=None, *, dtype: Optional[str] = None, param_dtype: Optional[str] = None,
          attention: Optional[str] = None, shardings=None, progress: bool = False,
          **config_overrides):
-    """Load the model at ``path`` (any format) as ``cls`` (default ``T5ForConditionalGeneration``,
-    or the class a jt5 checkpoint was saved as; ``T5EncoderModel`` reads the encoder only).
+    """Load the model at ``path`` (any format) as ``cls`` (default: the class the checkpoint
+    names — a transformers directory's ``architectures``, a jt5 checkpoint's or a run's model
+    class — else ``T5ForConditionalGeneration``; ``T5EncoderModel`` reads the encoder only; a
+    task head class (``jt5.heads``) reads a base checkpoint with a fresh head).
 
     ``dtype`` sets the compute dtype and, unless ``param_dtype`` is given, the parameter dtype
     (as ``from_pretrained`` does); ``None`` keeps what is stored. ``shardings``: optional
     ``abstract_state -> shardings`` placing parameters on a mesh. ``config_overrides``: other
     T5Config fields (``remat``, ``dropout_rate``, ...)."""
     from jt5 import weights
-    from jt5.model import T5EncoderModel, T5ForConditionalGeneration
+    from jt5.model import T5ForConditionalGeneration
 
     if config_overrides.get("encoder_attention_type") == "transient-global":
         # A checkpoint without LongT5's global parameters loads as stored, then gets them.
@@ -108,11 +130,11 @@ def load(path, cls=None, *, dtype: Optional[str] = None, param_dtype: Optional[s
     src = locate(path)
     overrides = dict(config_overrides, dtype=dtype, param_dtype=param_dtype, attention=attention)
     if src.kind == "hf":
-        return weights.load_hf(src.path, cls or T5ForConditionalGeneration, shardings=shardings,
+        return weights.load_hf(src.path, cls or stored_class(src.path), shardings=shardings,
                                progress=progress, **overrides)
     if src.kind == "jt5":
         if cls is None:  # the class the checkpoint was saved as
-            classes = {c.__name__: c for c in (T5ForConditionalGeneration, T5EncoderModel)}
+            classes = model_classes()
             from jt5.bridge import native
             name = native.read_meta(src.path)[1]
             if name not in classes:

@@ -9,6 +9,7 @@ it from ``from_pretrained`` / ``save_pretrained``).
 """
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Callable, Mapping, Optional
 
@@ -29,6 +30,11 @@ def abstract_model(config: T5Config, cls):
 
 def is_encoder_only(cls) -> bool:
     return getattr(cls, "encoder_only", False)
+
+
+def head_of(cls):
+    """The task head a model class carries (``jt5.bridge.keymap.HEADS`` key), or None."""
+    return getattr(cls, "task_head", None)
 
 
 def config_with(config: T5Config, *, dtype=None, param_dtype=None, attention=None,
@@ -77,9 +83,9 @@ def load_hf(path, cls, *, dtype: str | None = None, attention: str | None = None
     ``shardings``: optional ``abstract_state -> shardings`` placing parameters on a mesh as they
     are read. Tensors are read, converted and placed one at a time."""
     raw = hf.read_config(path)
-    encoder_only = is_encoder_only(cls)
+    encoder_only, head = is_encoder_only(cls), head_of(cls)
     config, pairs = hf.iter_hf_to_jt5(hf.StateDict(path), raw, encoder_only=encoder_only,
-                                      source=str(path))
+                                      head=head, source=str(path))
     config = config_with(config, dtype=dtype, param_dtype=param_dtype, attention=attention,
                          **config_overrides)
     graphdef, abstract = nnx.split(abstract_model(config, cls))
@@ -89,7 +95,7 @@ def load_hf(path, cls, *, dtype: str | None = None, attention: str | None = None
     pairs = quant.adapt(pairs, {p: v.get_value() for p, v in flat.items()}, str(path))
     if progress:
         from tqdm import tqdm
-        pairs = tqdm(pairs, total=len(keymap.rules(config, encoder_only=encoder_only)),
+        pairs = tqdm(pairs, total=len(keymap.rules(config, encoder_only=encoder_only, head=head)),
                      desc=f"loading {Path(path).name}", unit="tensor")
     filled = set()
     for p, w in pairs:
@@ -97,10 +103,16 @@ def load_hf(path, cls, *, dtype: str | None = None, attention: str | None = None
         if var is None:
             raise hf.CheckpointError(f"keymap produced {p}, which the jt5 model does not have")
         arr = np.asarray(w).astype(var.get_value().dtype)  # param_dtype; int8/fp8 + f32 scales
+        if arr.shape != tuple(var.shape):  # e.g. a head asked for another num_labels
+            raise hf.CheckpointError(f"{path}: {'/'.join(map(str, p))} is {arr.shape} in the "
+                                     f"checkpoint but the model asks for {tuple(var.shape)}")
         sharding = placement[p] if placement is not None else None
         var.set_value(jax.device_put(arr, sharding) if sharding is not None else jnp.asarray(arr))
         filled.add(p)
     unfilled = [p for p in flat if p not in filled]
+    if head is not None and unfilled:
+        _init_head(cls, config, flat, unfilled, placement, str(path))
+        unfilled = []
     if unfilled:
         raise hf.CheckpointError(f"{path}: jt5 parameters left without a source tensor: "
                                  f"{unfilled[:5]}")
@@ -109,6 +121,25 @@ def load_hf(path, cls, *, dtype: str | None = None, attention: str | None = None
         from jt5.generation_config import read_generation_config
         model.generation_config = read_generation_config(path, raw)
     return model
+
+
+def _init_head(cls, config: T5Config, flat: dict, unfilled: list, placement, source: str):
+    """A head the checkpoint lacks (a base T5 loaded into a head) starts from its initialiser;
+    a warning names the new parameters, as transformers' ``from_pretrained`` does."""
+    fresh = cls.init_head(config)  # {path: array}: the head's own parameters only
+    if set(unfilled) != set(fresh):
+        raise hf.CheckpointError(f"{source}: jt5 parameters left without a source tensor: "
+                                 f"{sorted(set(unfilled) - set(fresh))[:5]}")
+    names = {r.jt5: r.hf for r in keymap.head_rules(config, head_of(cls))}
+    for p in unfilled:
+        arr = np.asarray(fresh[p]).astype(jnp.dtype(config.param_dtype))
+        sharding = placement[p] if placement is not None else None
+        flat[p].set_value(jax.device_put(arr, sharding) if sharding is not None
+                          else jnp.asarray(arr))
+    warnings.warn(f"Some weights of {cls.__name__} were not initialized from the checkpoint at "
+                  f"{source} and are newly initialized: {sorted(names[p] for p in unfilled)}. "
+                  "Train the model on a downstream task before using it for predictions.",
+                  stacklevel=3)
 
 
 def model_params(model, *, progress: bool = False) -> dict:
@@ -133,7 +164,7 @@ def save_hf(model, path, *, max_shard_size="5GB", progress: bool = False,
     """Write a directory transformers' ``from_pretrained`` loads as is. ``extra_files``: as for
     ``jt5.bridge.hf.write_hf_dir`` (e.g. ``jt5.tokenizer.tokenizer_files(...)``)."""
     sd, cfg = hf.jt5_to_hf(model.config, model_params(model, progress=progress),
-                           encoder_only=is_encoder_only(type(model)))
+                           encoder_only=is_encoder_only(type(model)), head=head_of(type(model)))
     extra = dict(extra_files or {})
     if hasattr(model, "generation_config"):  # transformers' save_pretrained writes it too
         from jt5.generation_config import FILE, generation_config_file
