@@ -168,10 +168,8 @@ _ENCODER_FIELDS = ("encoder_attention_type", "local_radius", "global_block_size"
 
 def _buckets(rel, num_buckets: int, max_distance: int) -> np.ndarray:
     """T5's bidirectional buckets of static offsets ``rel`` (numpy, also while tracing)."""
-    with jax.ensure_compile_time_eval():
-        return np.asarray(spec.relative_position_bucket(
-            np.asarray(rel, np.int32), bidirectional=True, num_buckets=num_buckets,
-            max_distance=max_distance), np.int32)
+    return spec.host_buckets(np.asarray(rel, np.int32), bidirectional=True,
+                             num_buckets=num_buckets, max_distance=max_distance)
 
 
 def global_bucket_rows(*, num_buckets: int, max_distance: int, global_block_size: int):

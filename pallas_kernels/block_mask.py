@@ -69,12 +69,22 @@ def tables_from_classes(live, full, *, transpose: bool = False) -> BlockMask:
     blocks with ``transpose``)."""
     if transpose:
         live, full = jnp.swapaxes(live, 1, 2), jnp.swapaxes(full, 1, 2)
-    key = jnp.where(full, 0, jnp.where(live, 1, 2)).astype(jnp.int32)
-    order = jnp.argsort(key, axis=-1, stable=True).astype(jnp.int32)
+    # A stable partition (full, then partial, then dead) by prefix counts and one scatter:
+    # linear in the table, where a sort of every row was n log n and, on a GPU, past 16k
+    # column blocks (1M tokens) became a CUB radix sort that a deviceless compile cannot size.
+    partial = live & ~full
     n_full = jnp.sum(full, axis=-1, dtype=jnp.int32)
     n_live = jnp.sum(live, axis=-1, dtype=jnp.int32)
+    Bm, rows, cols = live.shape
+    dest = jnp.where(full, jnp.cumsum(full, axis=-1, dtype=jnp.int32) - 1,
+                     jnp.where(partial, n_full[..., None] - 1
+                               + jnp.cumsum(partial, axis=-1, dtype=jnp.int32), cols))
+    col = jnp.broadcast_to(jnp.arange(cols, dtype=jnp.int32), live.shape)
+    b = jnp.arange(Bm, dtype=jnp.int32)[:, None, None]
+    r = jnp.arange(rows, dtype=jnp.int32)[None, :, None]
+    order = jnp.zeros(live.shape, jnp.int32).at[b, r, dest].set(col, mode="drop")
     last = jnp.take_along_axis(order, jnp.maximum(n_live - 1, 0)[..., None], axis=-1)
-    pos = jnp.arange(order.shape[-1], dtype=jnp.int32)
+    pos = jnp.arange(cols, dtype=jnp.int32)
     indices = jnp.where(pos < n_live[..., None], order, jnp.where(n_live[..., None] > 0, last, 0))
     return BlockMask(counts=jnp.stack([n_full, n_live], axis=-1), indices=indices)
 

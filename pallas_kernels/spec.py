@@ -76,6 +76,14 @@ def relative_position_bucket(relative_position, *, bidirectional: bool, num_buck
                    max_distance=max_distance)
 
 
+def host_buckets(relative_position, *, bidirectional: bool, num_buckets: int,
+                 max_distance: int) -> np.ndarray:
+    """``relative_position_bucket`` of static offsets in numpy (int32): host-side constants
+    that a traced function may build while tracing, under any mesh."""
+    return _bucket(np, relative_position, bidirectional=bidirectional, num_buckets=num_buckets,
+                   max_distance=max_distance)
+
+
 def _bucket(xp, relative_position, *, bidirectional: bool, num_buckets: int, max_distance: int):
     """The bucket rule in array module ``xp``: ``jnp`` (traced, in kernels) or ``numpy`` (host
     constants: a ``jnp`` constant built while tracing under a mesh asks that mesh's devices for
@@ -106,8 +114,8 @@ def bucket_saturation(*, bidirectional: bool, num_buckets: int, max_distance: in
     table of ``clip(rel, -R, R)`` is exact. ``R <= max_distance`` always.
     """
     rel = np.arange(-max_distance - 1, max_distance + 2, dtype=np.int32)
-    b = _bucket(np, rel, bidirectional=bidirectional, num_buckets=num_buckets,
-                max_distance=max_distance)
+    b = host_buckets(rel, bidirectional=bidirectional, num_buckets=num_buckets,
+                     max_distance=max_distance)
     lo, hi = b[0], b[-1]
     r = max_distance + 1
     while r > 0 and b[max_distance + 1 - (r - 1)] == lo and b[max_distance + 1 + (r - 1)] == hi:
@@ -124,8 +132,8 @@ def bucket_lut(*, bidirectional: bool, num_buckets: int, max_distance: int):
     """
     r = bucket_saturation(bidirectional=bidirectional, num_buckets=num_buckets,
                           max_distance=max_distance)
-    b = _bucket(np, np.arange(-r, r + 1, dtype=np.int32), bidirectional=bidirectional,
-                num_buckets=num_buckets, max_distance=max_distance)
+    b = host_buckets(np.arange(-r, r + 1, dtype=np.int32), bidirectional=bidirectional,
+                     num_buckets=num_buckets, max_distance=max_distance)
     padded = 1 << (2 * r).bit_length()  # next power of two >= 2r + 1
     return r, np.pad(b, (0, padded - b.size), mode="edge")
 
@@ -147,6 +155,11 @@ class RelativeBias:
         return relative_position_bucket(rel, bidirectional=self.bidirectional,
                                         num_buckets=self.num_buckets,
                                         max_distance=self.max_distance)
+
+    def host_buckets(self, rel) -> np.ndarray:
+        """``buckets`` of static offsets ``rel``, in numpy (``host_buckets``)."""
+        return host_buckets(rel, bidirectional=bool(self.bidirectional),
+                            num_buckets=self.num_buckets, max_distance=int(self.max_distance))
 
     def lut(self):
         """``(R, lut)`` of ``bucket_lut`` for this rule: the kernels' per-offset table."""
