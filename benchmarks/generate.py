@@ -65,7 +65,8 @@ def hf_config(cfg: jt5.T5Config):
         dropout_rate=0.0, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
 
 
-def build_pair(preset: str, workdir: Path, attention: str, torch_device: str, dtype: str):
+def build_pair(preset: str, workdir: Path, attention: str, torch_device: str, dtype: str,
+               jt5_dtype: str | None = None, weights: str | None = None):
     """(transformers model, jt5 model) with the same random weights, both in ``dtype``."""
     import torch
     import transformers
@@ -73,7 +74,8 @@ def build_pair(preset: str, workdir: Path, attention: str, torch_device: str, dt
     hf = transformers.T5ForConditionalGeneration(hf_config(jt5.preset(preset))).eval()
     path = workdir / preset
     hf.save_pretrained(path)
-    model = jt5.T5ForConditionalGeneration.from_pretrained(path, dtype=dtype, attention=attention)
+    model = jt5.T5ForConditionalGeneration.from_pretrained(path, dtype=jt5_dtype or dtype,
+                                                           attention=attention, weights=weights)
     return hf.to(device=torch_device, dtype=getattr(torch, dtype)), model
 
 
@@ -225,6 +227,10 @@ def main(argv=None) -> int:
     p.add_argument("--attention", default="auto", choices=("auto", "xla", "pallas"))
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
                    help="both sides' compute and parameter dtype (default float32)")
+    p.add_argument("--jt5-dtype", default=None, choices=("float32", "bfloat16", "float16"),
+                   help="jt5's compute and parameter dtype if not --dtype")
+    p.add_argument("--weights", default=None, choices=("float", "int8", "fp8"),
+                   help="jt5's matmul weights: quantised at load (jt5/quant.py)")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads (jt5: XLA's own)")
     p.add_argument("--ct2", default="float32,int8",
                    help="CTranslate2 compute types to run beside (CPU; needs pip ctranslate2; "
@@ -243,7 +249,8 @@ def main(argv=None) -> int:
             p.error(f"unknown strategy {s!r}; choose from {sorted(STRATEGIES)}")
     print(f"# jax {jax.__version__} on {device} ({jax.default_backend()}), torch "
           f"{torch.__version__} on {torch_device} ({args.threads} threads); "
-          f"input {args.input_len}, new tokens {args.new_tokens}, {args.dtype}")
+          f"input {args.input_len}, new tokens {args.new_tokens}, {args.dtype}; jt5 "
+          f"{args.jt5_dtype or args.dtype}, {args.weights or 'float'} weights")
     header = (f"{'model':9} {'strategy':8} {'batch':>5} {'HF tok/s':>9} {'jt5 tok/s':>9} "
               f"{'HF s':>8} {'jt5 s':>8} {'compile s':>9} {'jt5/HF':>7} same")
     print(header)
@@ -251,7 +258,7 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         for preset in [m for m in args.models.split(",") if m]:
             hf, model = build_pair(preset, Path(tmp), args.attention, torch_device,
-                                   args.dtype)
+                                   args.dtype, args.jt5_dtype, args.weights)
             ct2 = None
             cts = [c for c in args.ct2.split(",") if c]
             if cts and torch_device == "cpu" and args.dtype == "float32":

@@ -14,6 +14,8 @@
 #   encoder     T5-base encoder bf16 at 512 and 8k tokens: jt5 (pallas, xla) vs transformers SDPA;
 #               then long inputs (benchmarks/long_encoder.py): T5-base bf16, full / local /
 #               transient-global attention at 16k, 64k and 128k tokens (time, memory)
+#   encoder_quant  benchmarks/encoder_quant.py --speed: the T5-XXL encoder (24 layers, random
+#               weights) at 512 tokens, batch 1/4/16, bf16 compute with bf16 / int8 / fp8 weights
 #   generate    benchmarks/generate.py, t5-base bf16, jt5 vs transformers
 #   train       benchmarks/train.py: T5-base UL2 train step, tokens/s and MFU, pallas vs xla
 # Everything goes to OUT_DIR: STEP.log per step, the benchmarks' JSON and markdown,
@@ -68,6 +70,8 @@ if (( DRY )); then
     "$1" benchmarks/long_encoder.py --in-process --model tiny --attention pallas --lengths 128 \
     --impls jt5-tglobal --local-radius 15 --global-block-size 4 --repeats 1 \
     --json "$2/long_encoder.json" --markdown "$2/long_encoder.md"' _ "$PY" "$OUT_DIR"
+  step encoder_quant 300 "$PY" benchmarks/encoder_quant.py --speed --preset tiny --batch 1,2 \
+    --length 32 --dtype float32 --repeats 1 --json "$OUT_DIR/encoder_quant.json"
   step generate 300 "$PY" benchmarks/generate.py --models tiny --batch 2 --strategies greedy \
     --input-len 16 --new-tokens 4 --repeats 1 --json "$OUT_DIR/generate.json"
   step train 300 "$PY" benchmarks/train.py --preset tiny --steps 1 --warmup 1 --batch-size 2 \
@@ -84,6 +88,8 @@ else
     "$1" benchmarks/long_encoder.py --in-process --model t5-base --dtype bfloat16 \
     --attention pallas --impls jt5 jt5-local jt5-tglobal --lengths 16384 65536 131072 \
     --repeats 3 --json "$2/long_encoder.json" --markdown "$2/long_encoder.md"' _ "$PY" "$OUT_DIR"
+  step encoder_quant 90 "$PY" benchmarks/encoder_quant.py --speed --preset t5-v1_1-xxl \
+    --batch 1,4,16 --length 512 --repeats 5 --json "$OUT_DIR/encoder_quant.json"
   step generate 55 "$PY" benchmarks/generate.py --models t5-base --batch 1,16 \
     --strategies greedy --dtype bfloat16 --repeats 2 --json "$OUT_DIR/generate.json"
   step train 70 "$PY" benchmarks/train.py --steps 5 --warmup 1 --json "$OUT_DIR/train.json"
@@ -109,7 +115,7 @@ for name in ("attention", "encoder", "long_encoder"):
     p = os.path.join(out, f"{name}.md")
     if os.path.exists(p):
         md += ["", f"## {name}", "", open(p).read().strip()]
-for name in ("gpu_tests", "autotune", "generate", "train"):
+for name in ("gpu_tests", "autotune", "encoder_quant", "generate", "train"):
     p = os.path.join(out, f"{name}.log")
     if os.path.exists(p):
         tail = open(p, errors="replace").read().splitlines()[-15:]

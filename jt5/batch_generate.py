@@ -1,6 +1,6 @@
 """Many prompts through ``generate``: length buckets, batches, outputs back in input order.
 
-    prompts = read_prompts("prompts.jsonl")            # .txt: a prompt a line; "-": stdin
+    prompts = jt5.inputs.read_texts("prompts.jsonl")   # .txt: a prompt a line; "-": stdin
     task = task_params(model_dir, "summarization")     # config.json task_specific_params
     for i, outputs in generate_texts(model, tok, prompts, batch_size=16, prefix=task.prefix,
                                      **task.generation):
@@ -18,44 +18,6 @@ from pathlib import Path
 from typing import Iterator, NamedTuple, Optional, Sequence
 
 from jt5.generation_config import FIELDS
-
-TEXT_KEYS = ("text", "input", "prompt", "source")
-
-
-def read_prompts(spec: str) -> list[str]:
-    """``.jsonl``: one JSON object a line with one of ``TEXT_KEYS`` (or a JSON string); other
-    files and ``-`` (stdin): one prompt a line. Blank lines are skipped; a bad line is an error
-    naming the file and line."""
-    if spec == "-":
-        lines, name, jsonl = sys.stdin.read().splitlines(), "<stdin>", False
-    else:
-        p = Path(spec)
-        if not p.is_file():
-            raise ValueError(f"--input {spec}: no such file")
-        lines, name, jsonl = p.read_text(encoding="utf-8").splitlines(), spec, p.suffix == ".jsonl"
-    out = []
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        if not jsonl:
-            out.append(line)
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"--input {name}:{n}: invalid JSON ({e.msg})") from e
-        if isinstance(row, str):
-            out.append(row)
-            continue
-        key = next((k for k in TEXT_KEYS if isinstance(row, dict) and k in row), None)
-        if key is None or not isinstance(row[key], str):
-            raise ValueError(f"--input {name}:{n}: expected an object with a string field "
-                             f"{' / '.join(TEXT_KEYS)}")
-        out.append(row[key])
-    if not out:
-        raise ValueError(f"--input {name}: no prompts")
-    return out
-
 
 class TaskParams(NamedTuple):
     prefix: str

@@ -220,20 +220,31 @@ def embed(model_or_path, texts: Sequence[str], *, pooling: Optional[str] = None,
     return Embeddings(out, mask_out, truncated)
 
 
-def save(path, result: Embeddings, pooling: str) -> None:
-    """``.npy``: the ``[N, D]`` array (pooled only); ``.safetensors``: ``embeddings`` (+ ``mask``
-    for per-token output)."""
+def check_output(path, pooling: Optional[str], output_dtype: str = "float32") -> None:
+    """Whether ``save`` can write ``path`` (checked before any work is done)."""
     path = str(path)
     if path.endswith(".npy"):
         if pooling == "none":
             raise ValueError(f"--output {path}: per-token output (--pooling none) needs "
                              ".safetensors (it holds the mask too)")
-        np.save(path, result.embeddings)
-    elif path.endswith(".safetensors"):
-        from safetensors.numpy import save_file
-        tensors = {"embeddings": np.ascontiguousarray(result.embeddings)}
-        if pooling == "none":
-            tensors["mask"] = result.mask
-        save_file(tensors, path)
-    else:
+        if output_dtype == "bfloat16":
+            raise ValueError(f"--output {path}: numpy has no bfloat16 (.npy would hold raw "
+                             "bytes): use .safetensors or --output-dtype float32")
+    elif not path.endswith(".safetensors"):
         raise ValueError(f"--output {path}: expected a .npy or .safetensors file name")
+
+
+def save(path, result: Embeddings) -> None:
+    """``.npy``: the ``[N, D]`` array (pooled only); ``.safetensors``: ``embeddings`` (and
+    ``mask`` for per-token output, ``[N, L, D]``)."""
+    path = str(path)
+    per_token = result.embeddings.ndim == 3
+    check_output(path, "none" if per_token else None, str(result.embeddings.dtype))
+    if path.endswith(".npy"):
+        np.save(path, result.embeddings)
+        return
+    from safetensors.numpy import save_file
+    tensors = {"embeddings": np.ascontiguousarray(result.embeddings)}
+    if per_token:
+        tensors["mask"] = result.mask
+    save_file(tensors, path)

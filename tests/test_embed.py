@@ -115,3 +115,40 @@ def test_cli_writes_npy_and_safetensors(byt5_dir, tmp_path, capsys):
     assert_one_error_line(code, err, "--output", ".safetensors")
     code, _, err = run(base + [str(txt), "--output", "d.txt"], capsys)
     assert_one_error_line(code, err, "--output", "d.txt")
+
+
+def test_cli_inputs_are_read_as_generate_reads_them(byt5_dir, tmp_path, capsys, monkeypatch):
+    """One reader (jt5.inputs): --input FILE or '-', JSONL strings or any of the text keys, or
+    --field; embed keeps blank lines as rows, generate skips them; pipeline flags and bf16."""
+    import io
+
+    from safetensors.numpy import load_file
+
+    from jt5 import cli
+    from jt5.inputs import read_texts
+    from tests.test_cli import assert_one_error_line, run
+    jl = tmp_path / "p.jsonl"
+    jl.write_text('"hi"\n\n{"prompt": "short one"}\n{"input": "x", "text": "b"}\n')
+    assert read_texts(str(jl)) == ["hi", "short one", "b"]
+    base = ["embed", "--model", str(byt5_dir), "--no-progress"]
+    monkeypatch.setattr("sys.stdin", io.StringIO("hi\n\nshort one\n"))
+    out = tmp_path / "e.safetensors"
+    assert cli.main(base + ["--input", "-", "--pooling", "none", "--padding", "max_length",
+                            "--max-length", "24", "--no-attention-mask", "--output-dtype",
+                            "bfloat16", "--output", str(out)]) == 0
+    got = load_file(str(out))
+    want = jt5.embed(byt5_dir, ["hi", "", "short one"], pooling="none", max_length=24,
+                     padding="max_length", use_attention_mask=False, output_dtype="bfloat16")
+    assert got["embeddings"].shape == (3, 24, 32) and str(got["embeddings"].dtype) == "bfloat16"
+    np.testing.assert_array_equal(got["embeddings"], want.embeddings)
+    capsys.readouterr()
+    code, _, err = run(base + ["--input", str(jl), "--output", str(tmp_path / "e.npy"),
+                               "--output-dtype", "bfloat16"], capsys)
+    assert_one_error_line(code, err, "--output", "bfloat16", ".safetensors")
+    code, _, err = run(base + [str(jl), "--field", "body", "--output", "x.npy"], capsys)
+    assert_one_error_line(code, err, "p.jsonl:1", "'body'")
+    gen = ["generate", "--model", str(byt5_dir), "--tokenizer", "byte", "--max-new-tokens", "3"]
+    assert cli.main(gen + ["--input", str(jl), "--weights", "int8"]) == 0
+    assert len(capsys.readouterr().out.rstrip("\n").split("\n")) == 3  # bytes may be \x0b
+    code, _, err = run(gen + ["hello", "--field", "text"], capsys)
+    assert_one_error_line(code, err, "--field", "--input")

@@ -76,6 +76,7 @@ _GEN_FLAGS = {
 
 
 def add(p: argparse.ArgumentParser):
+    from jt5.config import WEIGHT_FORMATS
     from jt5.generation_config import FIELDS
     assert set(_GEN_FLAGS) == set(FIELDS) - {"bos_token_id"}, "a field without a flag"
     p.add_argument("texts", nargs="*", metavar="TEXT",
@@ -87,9 +88,16 @@ def add(p: argparse.ArgumentParser):
                         "--model directory's; for a run directory, its export or the tokenizer "
                         "it trained with)")
     p.add_argument("--input", default=None, metavar="FILE",
-                   help="prompts from a file instead of TEXT: .jsonl (objects with a 'text' / "
-                        "'input' / 'prompt' field), any other file one prompt a line; '-' reads "
-                        "stdin")
+                   help="prompts from a file instead of TEXT: .jsonl (a JSON string or an object "
+                        "with a 'text' / 'input' / 'prompt' / 'source' field, or --field, per "
+                        "line), any other file one prompt a line (blank lines skipped); '-' reads "
+                        "stdin (as jt5 embed reads them)")
+    p.add_argument("--field", default=None,
+                   help="JSONL field holding the prompt (default: the first of text / input / "
+                        "prompt / source)")
+    p.add_argument("--weights", choices=WEIGHT_FORMATS, default=None,
+                   help="quantise the matmul weights (encoder and decoder) as the model loads: "
+                        "int8 / fp8, one scale per output channel (default: as stored)")
     p.add_argument("--output", default=None, metavar="FILE",
                    help="write JSON lines {index, input, output} in input order (default: print "
                         "the texts)")
@@ -136,6 +144,7 @@ def run(args) -> int:
     from jt5 import batch_generate as bg
     from jt5 import formats
     from jt5.generate import resolve_config
+    from jt5.inputs import read_texts
     from jt5.model import T5ForConditionalGeneration
     from jt5.tokenizer import load_tokenizer
 
@@ -147,7 +156,9 @@ def run(args) -> int:
     for i, text in enumerate(args.texts, 1):
         if not text.strip():
             raise ValueError(f"TEXT {i} is empty: give each input some text")
-    prompts = args.texts or bg.read_prompts(args.input)
+    if args.field and args.input is None:
+        raise ValueError("--field names the text of --input .jsonl records: give --input FILE")
+    prompts = args.texts or read_texts(args.input, field=args.field)
     try:
         src = formats.locate(args.model)
     except (FileNotFoundError, ValueError) as e:
@@ -171,7 +182,7 @@ def run(args) -> int:
         except ValueError as e:
             raise ValueError(f"--mesh {args.mesh}: {e}") from e
     model = formats.load(src.path, T5ForConditionalGeneration, dtype=args.dtype,
-                         attention=args.attention)
+                         attention=args.attention, weights=args.weights)
     try:
         resolve_config(model, **kw)  # fail before any work, naming the flag
     except (ValueError, TypeError) as e:
