@@ -2,7 +2,8 @@
 # The one command to run when a GPU is lent (under 9 minutes on an H100/H200, start-up aside):
 #
 #   benchmarks/gpu.sh OUT_DIR          # or: OUT=/path benchmarks/gpu.sh
-#   benchmarks/gpu.sh --dry-run DIR    # CPU, tiny sizes, interpret mode: proves the script works
+#   benchmarks/gpu.sh --dry-run [DIR]  # CPU, tiny sizes, interpret mode: proves the script works
+#                                      # (without DIR: a new temporary folder, printed)
 #
 # Steps, each under its own timeout (and all under GPU_SH_BUDGET_S, default 540 s) so that one
 # hang cannot eat the budget; a failing step is recorded and the next one runs:
@@ -18,12 +19,19 @@
 #               weights) at 512 tokens, batch 1/4/16, bf16 compute with bf16 / int8 / fp8 weights
 #   generate    benchmarks/generate.py, t5-base bf16, jt5 vs transformers
 #   train       benchmarks/train.py: T5-base UL2 train step, tokens/s and MFU, pallas vs xla
+#   plan        benchmarks/plan_check.py: jt5 plan's predicted memory for the encoder and train
+#               rows above (compiled deviceless for this GPU kind) beside the GPU's own compile
+#               and its allocator peak (plan_check.md)
 # Everything goes to OUT_DIR: STEP.log per step, the benchmarks' JSON and markdown,
 # summary.json and summary.md (one table of the steps, then the benchmark tables).
 set -u
 DRY=0
 if [[ "${1:-}" == "--dry-run" ]]; then DRY=1; shift; fi
 OUT_DIR="${1:-${OUT:-}}"
+if [[ -z "$OUT_DIR" ]] && (( DRY )); then
+  OUT_DIR="$(mktemp -d "${TMPDIR:-/tmp}/jt5-gpu-dry-run.XXXXXX")"
+  echo "output folder: $OUT_DIR"
+fi
 if [[ -z "$OUT_DIR" ]]; then
   echo "usage: benchmarks/gpu.sh [--dry-run] OUT_DIR   (or set OUT)" >&2
   exit 2
@@ -76,6 +84,8 @@ if (( DRY )); then
     --input-len 16 --new-tokens 4 --repeats 1 --json "$OUT_DIR/generate.json"
   step train 300 "$PY" benchmarks/train.py --preset tiny --steps 1 --warmup 1 --batch-size 2 \
     --inputs-length 32 --targets-length 8 --json "$OUT_DIR/train.json"
+  step plan 300 "$PY" benchmarks/plan_check.py "$OUT_DIR" --encoder-model tiny \
+    --encoder-dtype float32 --local-radius 15 --global-block-size 4
 else
   step gpu_tests 75 "$PY" -m pytest -q -m gpu -p no:cacheprovider tests/
   step autotune 80 "$PY" -m jt5.pallas_kernels.tuning --write --lengths 2048 --head-dims 64 \
@@ -93,6 +103,7 @@ else
   step generate 55 "$PY" benchmarks/generate.py --models t5-base --batch 1,16 \
     --strategies greedy --dtype bfloat16 --repeats 2 --json "$OUT_DIR/generate.json"
   step train 70 "$PY" benchmarks/train.py --steps 5 --warmup 1 --json "$OUT_DIR/train.json"
+  step plan 90 "$PY" benchmarks/plan_check.py "$OUT_DIR" --encoder-model t5-base
 fi
 
 # summary.json + summary.md
@@ -111,7 +122,7 @@ json.dump({"dry_run": dry, "env": env, "python": platform.python_version(), "ste
 md = [f"# benchmarks/gpu.sh{' --dry-run' if dry else ''}", "", env, "",
       "| step | status | seconds | detail |", "|---|---|---|---|"]
 md += [f"| {s['step']} | {s['status']} | {s['seconds']} | {s['detail']} |" for s in steps]
-for name in ("attention", "encoder", "long_encoder"):
+for name in ("attention", "encoder", "long_encoder", "plan_check"):
     p = os.path.join(out, f"{name}.md")
     if os.path.exists(p):
         md += ["", f"## {name}", "", open(p).read().strip()]

@@ -13,6 +13,10 @@ layer, ``kv_layout`` is the decoding cache layout it wants (``jt5.cache.KV``). A
   forward and backward); nothing prepared.
 - :class:`Pallas`: the kernels compute the bias from the ``[K, N]`` table and skip masked blocks
   from segment ids; nothing dense is ever built. One query row runs flash-decoding.
+- :class:`CuDNN`: cuDNN's fused attention with the XLA path's dense bias and mask (GPU only).
+
+``auto`` is the kernels on a GPU, unless a compiled probe of them fails there
+(``kernel_failure``): then the XLA path, with one warning naming the reason.
 
 Semantics of masks, bias and ``q_offset`` are those of ``pallas_kernels/spec.py``, whose ``Mask``
 and ``RelativeBias`` this module re-exports; every implementation takes them as they are.
@@ -22,6 +26,8 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
+import functools
+import logging
 from typing import Any, ClassVar, Optional
 
 import jax
@@ -33,9 +39,9 @@ from jt5.config import ATTENTION_IMPLS
 from jt5.pallas_kernels import reference
 from jt5.pallas_kernels.spec import Mask, RelativeBias
 
-__all__ = ["Mask", "RelativeBias", "Impl", "XLA", "Chunked", "Pallas", "Plan", "make_plan",
-           "with_bias", "attention", "kv_layout", "pallas_interpret", "resolve_impl",
-           "segment_ids_from_mask"]
+__all__ = ["Mask", "RelativeBias", "Impl", "XLA", "Chunked", "Pallas", "CuDNN", "Plan",
+           "make_plan", "with_bias", "attention", "kv_layout", "pallas_interpret", "resolve_impl",
+           "kernel_failure", "per_shard", "segment_ids_from_mask"]
 
 # T x S from which the XLA path attends in chunks. Measured on a 2-core CPU (B=1, N=8, H=64,
 # float32, with bias; benchmarks/RESULTS.md "Long inputs"): chunks of 512 are 0.7x the dense
@@ -61,12 +67,67 @@ def pallas_interpret(interpret: Optional[bool]):
 
 
 def resolve_impl(impl: str) -> str:
-    """``auto`` -> ``pallas`` on a GPU backend, ``xla`` elsewhere."""
+    """``auto`` -> ``pallas`` on a GPU backend whose compiler takes the kernels (``kernel_failure``
+    is None), ``xla`` elsewhere."""
     if impl not in ATTENTION_IMPLS:
         raise ValueError(f"attention impl {impl!r} must be one of {ATTENTION_IMPLS}")
     if impl == "auto":
-        return "pallas" if jax.default_backend() == "gpu" else "xla"
+        if jax.default_backend() != "gpu":
+            return "xla"
+        return "xla" if kernel_failure() else "pallas"
     return impl
+
+
+def kernel_failure(device=None) -> Optional[str]:
+    """Why the Pallas kernels do not lower or compile for ``device`` (default: jax's first), or
+    None when they do: ``attention="auto"``'s safety net on a GPU nobody has run them on.
+
+    A probe is compiled (not run) once per kind of device: flash attention forward and backward
+    with T5's bias, causal and segment masks, and flash-decoding, bfloat16, head dim 64. A
+    failure is logged once, naming the reason; ``auto`` then takes the XLA path."""
+    device = jax.devices()[0] if device is None else device
+    return _kernel_failure(device.platform, device.device_kind, device)
+
+
+@functools.lru_cache(maxsize=None)
+def _kernel_failure(platform: str, kind: str, device) -> Optional[str]:
+    try:
+        _compile_probe(device)
+    except Exception as e:  # noqa: BLE001  (whatever the lowering or the compiler raises)
+        reason = " ".join(str(e).split())[:300] or type(e).__name__
+        logging.getLogger(__name__).warning(
+            "attention='auto': the Pallas kernels do not compile for %s (%s: %s); using the "
+            "XLA attention path", kind, type(e).__name__, reason)
+        return f"{type(e).__name__}: {reason}"
+    return None
+
+
+def _compile_probe(device) -> None:
+    from jt5.pallas_kernels.blocks import compile_target
+    from jt5.pallas_kernels.decode_attention import decode_attention
+    from jt5.pallas_kernels.flash_attention import flash_attention
+
+    one = jax.sharding.SingleDeviceSharding(device)
+    B, T, N, H = 2, 256, 4, 64
+    q = jax.ShapeDtypeStruct((B, T, N, H), jnp.bfloat16, sharding=one)
+    table = jax.ShapeDtypeStruct((32, N), jnp.float32, sharding=one)
+    seg = jax.ShapeDtypeStruct((B, T), jnp.int32, sharding=one)
+
+    def probe(q, k, v, table, seg):
+        mask = Mask(q_segment_ids=seg, kv_segment_ids=seg, causal=True)
+        bias = RelativeBias(table, bidirectional=False)
+
+        def loss(q, k, v, table):
+            out = flash_attention(q, k, v, mask, RelativeBias(table, bidirectional=False),
+                                  interpret=False)
+            return jnp.sum(out.astype(jnp.float32))
+        grads = jax.grad(loss, argnums=(0, 1, 2, 3))(q, k, v, table)
+        step = decode_attention(q[:, :1], k, v, Mask(kv_segment_ids=seg), bias, q_offset=7,
+                                interpret=False)
+        return grads, step
+
+    with compile_target(device):
+        jax.jit(probe).lower(q, q, q, table, seg).compile()
 
 
 class Impl:
@@ -150,9 +211,83 @@ class Pallas(Impl):
         if q.shape[1] == 1 and m.local_window is None and not m.num_global_tokens:
             # One query row (a decode step): flash-decoding, split-K over the cache.
             from jt5.pallas_kernels.decode_attention import decode_attention
-            return decode_attention(q, kv.k, kv.v, m, b, q_offset=off, interpret=_INTERPRET.get())
+            return per_shard(decode_attention, q, kv.k, kv.v, m, b, q_offset=off)
         from jt5.pallas_kernels import flash_attention  # imports Pallas: load on first use
-        return flash_attention(q, kv.k, kv.v, m, b, q_offset=off, interpret=_INTERPRET.get())
+        return per_shard(flash_attention, q, kv.k, kv.v, m, b, q_offset=off)
+
+
+_QKV = ("batch", None, "act_heads", None)  # [B, T, N, H]
+
+
+def per_shard(kernel, q, k, v, mask: Mask, bias: Optional[RelativeBias], *, q_offset=0,
+              return_lse: bool = False):
+    """``kernel(q, k, v, mask, bias, q_offset=..., interpret=...)`` on each device's rows and
+    heads under the active mesh (rows over data x fsdp, heads over tensor, as
+    ``jt5.sharding`` splits the activations), by ``jax.shard_map``.
+
+    A Pallas kernel is one custom call that XLA's SPMD partitioner cannot split: called on
+    sharded arrays it gathers the whole batch onto every device and computes all of it there
+    (``jt5 plan``: a 2 x 8 H100 train step ran every layer's attention over all 256 rows on each
+    GPU). Without a mesh, or with nothing split, the kernel is called as is."""
+    kw = dict(q_offset=q_offset, interpret=_INTERPRET.get())
+    if return_lse:
+        kw["return_lse"] = True
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh is None or mesh.empty:
+        return kernel(q, k, v, mask, bias, **kw)
+    from jax.sharding import PartitionSpec as P
+
+    from jt5.sharding import logical_to_spec
+    qs, ks = logical_to_spec(_QKV, q.shape, mesh), logical_to_spec(_QKV, k.shape, mesh)
+    rows, heads = (qs[0], qs[2]) if (qs[0], qs[2]) == (ks[0], ks[2]) else (None, None)
+    if rows is None and heads is None:
+        return kernel(q, k, v, mask, bias, **kw)
+    spec = P(rows, None, heads, None)
+    args = {"q": q, "k": k, "v": v, "q_offset": jnp.asarray(q_offset, jnp.int32)}
+    specs = {"q": spec, "k": spec, "v": spec, "q_offset": P()}
+    if bias is not None:
+        args["table"], specs["table"] = bias.table, P(None, heads)
+    for name in ("q_segment_ids", "kv_segment_ids"):
+        if getattr(mask, name) is not None:
+            args[name], specs[name] = getattr(mask, name), P(rows, None)
+
+    def local(a):
+        m = mask.replace(q_segment_ids=a.get("q_segment_ids"),
+                         kv_segment_ids=a.get("kv_segment_ids"))
+        b = None if bias is None else bias.replace(table=a["table"])
+        return kernel(a["q"], a["k"], a["v"], m, b, **dict(kw, q_offset=a["q_offset"]))
+
+    out_specs = (spec, P(rows, heads, None)) if return_lse else spec
+    return jax.shard_map(local, mesh=mesh, in_specs=(specs,), out_specs=out_specs,
+                         check_vma=False)(args)
+
+
+@dataclasses.dataclass(frozen=True)
+class CuDNN(XLA):
+    """cuDNN's fused attention (``jax.nn.dot_product_attention(implementation="cudnn")``) with
+    T5's dense bias and mask prepared once per stack as for :class:`XLA`: the vendor baseline
+    beside the kernels, and ``jt5 plan`` compiles it too. The dense ``[B, N, T, S]`` bias makes
+    it quadratic in memory (short inputs). bfloat16 / float16 only; a decode step (one query
+    row) takes the XLA path."""
+    name: ClassVar[str] = "cudnn"
+    kv_layout: ClassVar[str] = "BSNH"
+
+    def attend(self, q, kv, plan):
+        if q.shape[1] == 1:
+            return super().attend(q, kv, plan)
+        if q.dtype not in (jnp.bfloat16, jnp.float16):
+            raise ValueError(f"attention='cudnn' needs bfloat16 or float16 inputs, got {q.dtype} "
+                             "(set dtype='bfloat16')")
+        st = plan.state
+        kv = kv.to("BSNH")
+        bias = None if st.bias is None else st.bias.astype(q.dtype)
+        out = jax.nn.dot_product_attention(q, kv.k, kv.v, bias=bias, mask=st.mask, scale=1.0,
+                                           implementation="cudnn")
+        if st.mask is None:
+            return out
+        # The contract gives zeros for a query that sees no key; cuDNN a uniform average.
+        seen = jnp.any(st.mask, axis=-1)[:, 0, :, None, None]    # [B|1, T, 1, 1]
+        return jnp.where(seen, out, jnp.zeros((), out.dtype))
 
 
 def implementation(impl: str, q_len: int = 1, kv_len: int = 1) -> Impl:
@@ -161,6 +296,8 @@ def implementation(impl: str, q_len: int = 1, kv_len: int = 1) -> Impl:
     impl = resolve_impl(impl)
     if impl == "pallas":
         return Pallas()
+    if impl == "cudnn":
+        return CuDNN()
     if q_len > 1 and q_len * kv_len >= CHUNKED_MIN_ELEMENTS:
         return Chunked(CHUNK)  # nothing [T, S]-sized: bias and mask are made per chunk
     return XLA()

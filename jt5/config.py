@@ -8,7 +8,7 @@ import dataclasses
 from typing import Optional
 
 ACTIVATIONS = ("relu", "gelu", "gelu_new", "gelu_pytorch_tanh", "silu", "swish")
-ATTENTION_IMPLS = ("xla", "pallas", "auto")
+ATTENTION_IMPLS = ("xla", "pallas", "auto", "cudnn")
 DTYPES = ("float32", "bfloat16", "float16")
 MODEL_TYPES = ("t5", "mt5", "umt5", "longt5")
 # "full": T5's dense encoder self-attention. "local" and "transient-global": LongT5's (Guo et al.
@@ -89,8 +89,6 @@ class T5Config:
     # Lookup as one_hot @ table (always used when the mesh shards the vocabulary).
     one_hot_embedding: bool = False
     remat: str = "none"  # "none" | "full" | "dots": rematerialise each layer in the backward pass
-    # One lax.scan over each stack's layers (one compiled layer body; same parameters/layout).
-    scan_layers: bool = False
     initializer_factor: float = 1.0
 
     def __post_init__(self):

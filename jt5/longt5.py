@@ -366,9 +366,8 @@ def global_attention(q, k, v, side_k, side_v, plan: GlobalPlan):
                      local_window=plan.local_radius)
     if plan.impl == "pallas":  # the flash kernel skips the key blocks outside the window
         from jt5.pallas_kernels import flash_attention  # the kernels import Pallas: lazily
-        loc, lse_loc = flash_attention(q, k, v, local, plan.local_bias,
-                                       interpret=ops._INTERPRET.get(),  # as attention_ops
-                                       return_lse=True)
+        loc, lse_loc = ops.per_shard(flash_attention, q, k, v, local, plan.local_bias,
+                                     return_lse=True)
     else:
         loc, lse_loc = chunked.window_attention(q, k, v, local, plan.local_bias)
     side, lse_side = side_attention(q, side_k, side_v, plan)

@@ -124,8 +124,10 @@ def run(args) -> int:
                                **_job("generate").options(args, task), **common)
     else:
         result = plan.embed(args.model, target, batch_size=args.batch_size,
-                            length=args.length or args.max_length, pooling=args.pooling,
-                            dtype=args.dtype, attention=args.attention, **common)
+                            length=args.length or args.max_length or 512,
+                            pooling=args.pooling or "mean", dtype=args.dtype,
+                            attention=args.attention, weights=args.weights, mesh=args.mesh,
+                            **common)
     print(plan.format_table(result), flush=True)
     if args.json:
         text = json.dumps(result.to_json(), indent=1) + "\n"

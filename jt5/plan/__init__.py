@@ -16,7 +16,6 @@ from the shapes (``flops.py``); ``report.py`` prints the table and the advice.
 """
 from __future__ import annotations
 
-import logging
 from typing import Callable, Optional
 
 from jt5.plan import jobs
@@ -24,29 +23,25 @@ from jt5.plan.compile import (RESHARDING_WARNING, Compiled, Target, check_plugin
                               compile_lowered, memory_fraction, target)
 from jt5.plan.report import Plan, format_table  # noqa: F401
 
-log = logging.getLogger(__name__)
-
 
 def make_plan(build: Callable[[Optional[str]], jobs.Program], target: Target, *,
               auto: bool, fraction: Optional[float] = None) -> Plan:
     """Build (``build(attention_override)``) and compile a job's program for ``target``.
 
-    ``auto``: the job asked for ``attention="auto"``; if its kernels do not compile for the
-    target, the job would run the XLA path (``jt5.attention_ops``' safety net), so the plan
-    compiles that instead and says why."""
+    ``auto``: the job asked for ``attention="auto"``, which on the target takes the kernels
+    unless their probe fails to compile there (``jt5.attention_ops.kernel_failure``, the job's
+    own safety net): then the plan compiles the XLA path, as the job would run it, and says
+    why. Any other compile error is the plan's answer and propagates."""
+    from jt5.attention_ops import kernel_failure
+
     check_plugin()
     program = build(None)
     fallback = None
-    try:
-        compiled = compile_lowered(program.lower, target)
-    except Exception as e:  # noqa: BLE001  (any lowering / compile failure of the kernels)
-        if not (auto and program.config.attention == "pallas"):
-            raise
-        fallback = " ".join(str(e).split())[:300] or type(e).__name__
-        log.warning("the kernels did not compile for %s (%s): attention='auto' falls back to "
-                    "xla", target.gpu.name, fallback)
-        program = build("xla")
-        compiled = compile_lowered(program.lower, target)
+    if auto and program.config.attention == "pallas":
+        fallback = kernel_failure(target.devices[0])
+        if fallback:
+            program = build("xla")
+    compiled = compile_lowered(program.lower, target)
     from jt5.plan import report
     return report.build(program, compiled, target, memory_fraction=memory_fraction(fraction),
                         fallback=fallback)

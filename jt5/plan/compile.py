@@ -22,6 +22,7 @@ from jt5.pallas_kernels import gpu_targets
 
 # The Pallas custom calls in compiled GPU HLO: Triton kernels, Mosaic GPU kernels.
 _KERNEL_CALLS = ("__gpu$xla.gpu.triton", "mosaic_gpu")
+_CUDNN_CALLS = ("__cudnn$fmha",)
 # XLA's log lines that mean the program wastes memory or bandwidth (a CI gate fails on them).
 RESHARDING_WARNING = "Involuntary full rematerialization"
 
@@ -71,7 +72,10 @@ class Compiled(NamedTuple):
     temp_bytes: int
     code_bytes: int
     kernels: int              # Pallas custom calls (Triton or Mosaic GPU) in the program
+    cudnn_calls: int          # cuDNN fused attention calls (attention="cudnn")
+    kernel_names: dict        # Pallas calls by kernel name
     compile_s: float          # lowering + compilation, wall clock
+    compile_cpu_s: float      # the same in CPU time of this process (all threads)
     warnings: tuple[str, ...]  # XLA's log lines that name a resharding by replication
     hlo: str                  # the compiled program's text (collectives, fusions ...)
 
@@ -113,9 +117,20 @@ def _summarise(line: str) -> str:
     return line.strip()[:300]
 
 
-def count_kernels(hlo: str) -> int:
-    return sum(len(re.findall(rf'custom_call_target="{re.escape(c)}', hlo))
-               for c in _KERNEL_CALLS)
+def count_kernels(hlo: str, targets=_KERNEL_CALLS) -> int:
+    """Custom calls in compiled HLO whose target starts with one of ``targets``."""
+    return sum(len(re.findall(rf'custom_call_target="{re.escape(c)}', hlo)) for c in targets)
+
+
+def kernel_names(hlo: str) -> dict:
+    """Pallas calls by kernel name (each ``pallas_call``'s ``name=``, from the op metadata)."""
+    names: dict = {}
+    for line in hlo.splitlines():
+        if any(f'custom_call_target="{c}' in line for c in _KERNEL_CALLS):
+            m = re.search(r'op_name="[^"]*?([\w.]+)/pallas_call', line)
+            key = m.group(1) if m else "unnamed"
+            names[key] = names.get(key, 0) + 1
+    return dict(sorted(names.items()))
 
 
 @contextlib.contextmanager
@@ -149,11 +164,11 @@ def compile_lowered(lower, target: Target) -> Compiled:
     from jt5.attention_ops import pallas_interpret
     from jt5.pallas_kernels.blocks import compile_target
 
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     with _captured_fd2() as log, pallas_interpret(False), \
             compile_target(target.devices[0]), _cudnn_version(target):
         compiled = lower().compile()
-    seconds = time.perf_counter() - t0
+    seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
     mem = compiled.memory_analysis()
     hlo = compiled.as_text()
     warnings = tuple(_summarise(ln) for ln in log if RESHARDING_WARNING in ln)
@@ -162,7 +177,9 @@ def compile_lowered(lower, target: Target) -> Compiled:
                     alias_bytes=int(mem.alias_size_in_bytes),
                     temp_bytes=int(mem.temp_size_in_bytes),
                     code_bytes=int(mem.generated_code_size_in_bytes),
-                    kernels=count_kernels(hlo), compile_s=seconds, warnings=warnings, hlo=hlo)
+                    kernels=count_kernels(hlo), cudnn_calls=count_kernels(hlo, _CUDNN_CALLS),
+                    kernel_names=kernel_names(hlo),
+                    compile_s=seconds, compile_cpu_s=cpu, warnings=warnings, hlo=hlo)
 
 
 def memory_fraction(default: Optional[float] = None) -> float:

@@ -228,21 +228,23 @@ def generate(model: str, target: Target, *, batch_size: int, length: int, mesh: 
 
 # -- embed ------------------------------------------------------------------------------------
 def embed(model: str, target: Target, *, batch_size: int, length: int, pooling: str,
-          dtype: Optional[str], attention: Optional[str], layers: Optional[int] = None
-          ) -> Program:
+          dtype: Optional[str], attention: Optional[str], layers: Optional[int] = None,
+          weights: Optional[str] = None, mesh: Optional[str] = None) -> Program:
     """``jt5 embed``'s encoder and pooling over ``batch_size`` rows of ``length`` tokens: rows
-    over ``data`` across every device, the weights replicated (as the job places them)."""
+    over ``data`` across every device, the weights replicated (as the job places them), or as
+    ``mesh`` splits them (``fsdp`` / ``tensor``); ``weights``: int8 / fp8 matmul weights."""
     from jt5 import embeddings, sharding
     from jt5.model import T5EncoderModel
     from jt5.pooling import pool
     from jt5.weights import abstract_model, config_with
 
     cfg = with_layers(config_with(base_config(model), dtype=dtype or GPU_DEFAULT_DTYPE,
-                                  attention=gpu_attention(attention)), layers)
+                                  attention=gpu_attention(attention), weights=weights), layers)
     cfg = cfg.replace(attention=gpu_attention(cfg.attention))
     devices = target.devices
-    mesh = sharding.make_mesh({"data": len(devices)}, devices)
-    B = -(-batch_size // len(devices)) * len(devices)
+    mesh = sharding.make_mesh(mesh or {"data": len(devices)}, devices)
+    split = mesh.shape["data"] * mesh.shape["fsdp"]
+    B = -(-batch_size // split) * split
     T = embeddings.bucket_length(length)
     params, f = embeddings._encode_fn(abstract_model(cfg, T5EncoderModel))
     params = _abstract(params, sharding.param_shardings(params, mesh))
@@ -258,7 +260,7 @@ def embed(model: str, target: Target, *, batch_size: int, length: int, pooling: 
             return run.lower(params, ids, ids)
 
     what = (f"embed {_model_name(model)}{_layers_text(layers)}: {B} rows x {T} tokens, "
-            f"pooling {pooling}, {cfg.dtype}, attention {cfg.attention}, "
+            f"pooling {pooling}, {cfg.dtype}, {cfg.weights} weights, attention {cfg.attention}, "
             f"encoder {cfg.encoder_attention_type}")
     return Program("embed", what, dict(mesh.shape), lower, param_bytes=shard_bytes(params),
                    optimizer_bytes=0, flops=flops_lib.encoder_forward(cfg, B, T), config=cfg,

@@ -33,7 +33,10 @@ class Plan(NamedTuple):
     step_seconds: dict            # MFU -> seconds at the GPU's dense bf16 peak
     decode_floor_seconds: Optional[float]   # generate: weights + caches read once per token
     kernels: int
+    kernel_names: dict            # Pallas calls by kernel name
+    cudnn_calls: int
     compile_seconds: float
+    compile_cpu_seconds: float
     warnings: tuple
     fallback: Optional[str]       # why attention="auto" fell back to XLA, if it did
     advice: tuple
@@ -72,7 +75,9 @@ def build(program: Program, compiled: Compiled, target: Target, *, memory_fracti
                 fits=fits, flops=program.flops.total, matmul_flops=program.flops.matmul,
                 attention_flops=program.flops.attention,
                 step_seconds={m: program.flops.total / (peak * m) for m in MFUS},
-                decode_floor_seconds=floor, kernels=c.kernels, compile_seconds=c.compile_s,
+                decode_floor_seconds=floor, kernels=c.kernels, kernel_names=c.kernel_names,
+                cudnn_calls=c.cudnn_calls,
+                compile_seconds=c.compile_s, compile_cpu_seconds=c.compile_cpu_s,
                 warnings=c.warnings, fallback=fallback, advice=())
     return plan._replace(advice=advise(plan, program))
 
@@ -162,8 +167,10 @@ def format_table(plan: Plan) -> str:
     if plan.decode_floor_seconds is not None:
         lines.append(f"         memory-bound floor of the decode steps (weights and caches read "
                      f"per token): {_seconds(plan.decode_floor_seconds)}")
-    lines.append(f"kernels  {plan.kernels} Pallas kernel calls; compiled in "
-                 f"{plan.compile_seconds:.1f} s")
+    cudnn = f", {plan.cudnn_calls} cuDNN attention calls" if plan.cudnn_calls else ""
+    names = ", ".join(f"{k} {v}" for k, v in plan.kernel_names.items())
+    lines.append(f"kernels  {plan.kernels} Pallas kernel calls" + (f" ({names})" if names else "")
+                 + f"{cudnn}; compiled in {plan.compile_seconds:.1f} s")
     if plan.fallback:
         lines.append(f"fallback attention='auto' -> xla: the kernels did not compile "
                      f"({plan.fallback})")
