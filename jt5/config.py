@@ -89,6 +89,8 @@ class T5Config:
     # Lookup as one_hot @ table (always used when the mesh shards the vocabulary).
     one_hot_embedding: bool = False
     remat: str = "none"  # "none" | "full" | "dots": rematerialise each layer in the backward pass
+    # One lax.scan over each stack's layers (one compiled layer body; same parameters/layout).
+    scan_layers: bool = False
     initializer_factor: float = 1.0
 
     def __post_init__(self):
