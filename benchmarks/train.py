@@ -4,6 +4,7 @@
     python benchmarks/train.py --preset tiny --steps 3        # CPU: tiny, xla only (the default)
     python benchmarks/train.py --attention pallas,xla --json out.json
     python benchmarks/train.py --preset t5-v1_1-small --peer transformers --steps 5   # CPU
+    python benchmarks/train.py --preset t5-v1_1-xl --compile-only --remat full        # any machine
 
 Each attention implementation runs the same jitted, donated train step of ``train/step.py``
 (Adafactor by default, as T5 / UL2 pretraining, gradient clipping, z-loss) on the same real UL2
@@ -188,14 +189,16 @@ def jt5_steps(cfg: jt5.T5Config, optim: step_lib.OptimConfig, batches: list, ste
 
 def versus_transformers(args) -> list:
     """``--peer transformers``: jt5 and transformers on the same unpacked UL2 batches (and jt5 on
-    packed ones), AdamW, float32, one CPU process; tokens/s count non-padding tokens only."""
+    packed ones, ``min_chunk=0.1``), AdamW, float32, one CPU process; tokens/s count
+    non-padding tokens only."""
     import torch
 
     B = args.batch_size or 8
     S, T = args.inputs_length or 128, args.targets_length or 32
     n = max(2, args.steps + args.warmup)
     make = {pack: Pipeline(DataConfig(inputs_length=S, targets_length=T, batch_size=B, pack=pack,
-                                      seed=1)) for pack in (False, True)}
+                                      seed=1, min_chunk=0.1 if pack else 1.0))
+            for pack in (False, True)}
     batches = {pack: [make[pack].batch(i) for i in range(n)] for pack in make}
     cfg = jt5.preset(args.preset, dtype="float32", param_dtype="float32", attention="xla")
     lr = 1e-3
@@ -231,6 +234,40 @@ def versus_transformers(args) -> list:
     return rows
 
 
+# -- compile time with and without the layer scan ---------------------------------------------
+def compile_times(args) -> list:
+    """``--compile-only``: lower + compile the full-width train step on this machine's first
+    device from abstract shapes (nothing allocated: xxl fits), unrolled and scanned."""
+    B = args.batch_size or 8
+    S, T = args.inputs_length or 512, args.targets_length or 114
+    optim = step_lib.OptimConfig(optimizer=args.optimizer, warmup_steps=1, total_steps=1000)
+    tx = step_lib.make_optimizer(optim)
+    batch = {k: jax.ShapeDtypeStruct((B, S if k.startswith("encoder") else T),
+                                     "float32" if k == "decoder_loss_weights" else "int32")
+             for k in FEATURES}
+    rows = []
+    for scan in (False, True):
+        cfg = jt5.preset(args.preset, dtype=args.dtype, param_dtype="float32", remat=args.remat,
+                         attention="xla", scan_layers=scan)
+        graphdef, abstract = nnx.split(jt5.abstract_model(cfg))
+        state = jax.eval_shape(lambda p: step_lib.init_state(p, tx, 0), nnx.to_pure_dict(abstract))
+        step = jax.jit(step_lib.make_train_step(graphdef, optim, tx), donate_argnums=0)
+        t0 = time.perf_counter()
+        lowered = step.lower(state, batch)
+        t1 = time.perf_counter()
+        lowered.compile()
+        t2 = time.perf_counter()
+        rows.append(dict(preset=args.preset, scan_layers=scan, remat=args.remat, batch=B,
+                         inputs_length=S, targets_length=T, lower_s=t1 - t0, compile_s=t2 - t1,
+                         hlo_chars=len(lowered.as_text())))
+        print(f"{args.preset} scan_layers={scan} remat={args.remat}: lower {t1 - t0:.1f} s, "
+              f"compile {t2 - t1:.1f} s (StableHLO {rows[-1]['hlo_chars'] / 1e6:.1f} M chars)",
+              flush=True)
+    print(f"scan / unrolled, lower + compile: "
+          f"{(rows[1]['lower_s'] + rows[1]['compile_s']) / (rows[0]['lower_s'] + rows[0]['compile_s']):.2f}x")
+    return rows
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -254,7 +291,15 @@ def main(argv=None):
     p.add_argument("--peer", choices=("transformers",), default=None,
                    help="time transformers' PyTorch model on the same batches and optimizer "
                         "(CPU; defaults then: B=8, 128/32, AdamW, float32)")
+    p.add_argument("--compile-only", action="store_true",
+                   help="only time lowering + compiling the train step, unrolled and with "
+                        "--scan-layers (abstract shapes: any preset fits; default 8 x 512/114)")
     args = p.parse_args(argv)
+    if args.compile_only:
+        rows = compile_times(args)
+        if args.json:
+            Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
+        return rows
     if args.peer:
         rows = versus_transformers(args)
         if args.json:

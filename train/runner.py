@@ -62,6 +62,7 @@ class RunConfig:
     optim: Optional[step_lib.OptimConfig] = None  # None: warmup 50, decay over `steps`
     dtype: Optional[str] = None            # None: bfloat16 on GPU/TPU, float32 on CPU
     remat: str = "none"
+    scan_layers: bool = False              # one compiled layer body per stack (deep models)
     attention: str = "auto"
     dropout_rate: Optional[float] = None   # None: the model's (0 for presets)
     tensorboard: bool = False
@@ -139,7 +140,7 @@ def model_config(cfg: RunConfig) -> T5Config:
         raise ValueError(f"--model {cfg.model!r} is neither a preset ({', '.join(PRESETS)}) "
                          "nor an existing model directory")
     overrides = dict(dtype=cfg.dtype or default_dtype(), param_dtype="float32",
-                     attention=cfg.attention, remat=cfg.remat)
+                     attention=cfg.attention, remat=cfg.remat, scan_layers=cfg.scan_layers)
     if cfg.dropout_rate is not None:
         overrides["dropout_rate"] = cfg.dropout_rate
     return base.replace(**overrides)
@@ -181,7 +182,7 @@ def run_meta(model_cfg: T5Config, data_cfg, cfg: RunConfig, mesh) -> dict:
                       "mesh": dict(mesh.shape), "process_count": jax.process_count()})
 
 
-_NUMERICS = ("dtype", "param_dtype", "attention", "remat", "dropout_rate")
+_NUMERICS = ("dtype", "param_dtype", "attention", "remat", "scan_layers", "dropout_rate")
 
 
 def check_resume(meta: dict, now: dict, where):

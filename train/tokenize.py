@@ -182,7 +182,7 @@ def build_token_store(documents, final: str, tokenizer, *, process_index: int = 
     if progress:
         from tqdm import tqdm
         bar = tqdm(desc=f"tokenising (host {process_index})", unit="doc", initial=start,
-                   dynamic_ncols=True)
+                   dynamic_ncols=True, disable=None)  # None: only on a terminal
     pool = None  # started with the second block: a small corpus is tokenised in this process
     _init_worker(tokenizer)
     pending, last_save = [], time.perf_counter()
