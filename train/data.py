@@ -55,9 +55,8 @@ import dataclasses
 import hashlib
 import json
 import logging
+import multiprocessing
 import os
-import shutil
-import tempfile
 import time
 from typing import Iterator, NamedTuple, Optional, Sequence, Union
 
@@ -407,20 +406,38 @@ class Pipeline:
         batch = assemble(ex, plan.row, plan.inputs_offset, plan.targets_offset, plan.segment, rows)
         return Packed(batch, plan, placed.which, placed.length)
 
-    def iterate(self, start_step: int = 0, prefetch: int = 2) -> Iterator[tuple[int, dict]]:
-        """(step, batch) from ``start_step`` on; ``prefetch`` batches are built ahead in a thread."""
+    def iterate(self, start_step: int = 0, prefetch: int = 2, workers: int = 0
+                ) -> Iterator[tuple[int, dict]]:
+        """(step, batch) from ``start_step`` on; ``prefetch`` batches are built ahead in a thread,
+        or, with ``workers`` > 0, in that many processes (each opens the same cached token
+        store; ``batch(step)`` is a pure function of the step, so the order and the batches
+        are the same as in one process: only the throughput grows)."""
         step = start_step
-        if prefetch <= 0:
+        if prefetch <= 0 and workers <= 0:
             while True:
                 yield step, self.batch(step)
                 step += 1
-        with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="jt5-data") as pool:
-            queue = collections.deque(pool.submit(self.batch, s) for s in range(step, step + prefetch))
-            while True:
-                batch = queue.popleft().result()
-                queue.append(pool.submit(self.batch, step + prefetch))
-                yield step, batch
-                step += 1
+        if workers > 0:
+            # spawn, not fork: the parent runs jax's threads
+            pool = concurrent.futures.ProcessPoolExecutor(
+                workers, mp_context=multiprocessing.get_context("spawn"),
+                initializer=_init_data_worker,
+                initargs=(self.config, self.process_index, self.process_count, self.tokenizer))
+            make, ahead = _data_worker_batch, max(prefetch, 0) + workers
+        else:
+            pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="jt5-data")
+            make, ahead = self.batch, prefetch
+        with pool:
+            queue = collections.deque(pool.submit(make, s) for s in range(step, step + ahead))
+            try:
+                while True:
+                    batch = queue.popleft().result()
+                    queue.append(pool.submit(make, step + ahead))
+                    yield step, batch
+                    step += 1
+            finally:
+                for job in queue:
+                    job.cancel()
 
     # ----------------------------------------------------------------------- held-out split
 
@@ -476,8 +493,22 @@ class Pipeline:
         return "".join(out)
 
 
-def measure(data: Pipeline, steps: int) -> dict:
-    """Fill, examples per row, realised mixture and chunk lengths over batches 1..steps (+ time)."""
+_WORKER_PIPELINE: Optional[Pipeline] = None
+
+
+def _init_data_worker(config, process_index, process_count, tokenizer):
+    global _WORKER_PIPELINE
+    _WORKER_PIPELINE = Pipeline(config, process_index=process_index, process_count=process_count,
+                                tokenizer=tokenizer, workers=1)
+
+
+def _data_worker_batch(step: int) -> dict:
+    return _WORKER_PIPELINE.batch(step)
+
+
+def measure(data: Pipeline, steps: int, workers: int = 0) -> dict:
+    """Fill, examples per row, realised mixture and chunk lengths over batches 1..steps, and
+    examples/s (in this process; with ``workers``, through ``iterate`` in that many processes)."""
     data.batch(0)  # warm
     t0 = time.perf_counter()
     fills, counts, frac = [], np.zeros(len(data.mixture)), [[] for _ in data.mixture]
@@ -491,6 +522,15 @@ def measure(data: Pipeline, steps: int) -> dict:
             frac[d].append(n / whole)
         dropped, drawn = dropped + p.plan.dropped, drawn + p.plan.drawn
     dt = time.perf_counter() - t0
+    if workers:
+        batches = data.iterate(1, workers=workers)
+        for _ in range(2 * workers):  # started and warm
+            next(batches)
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            next(batches)
+        dt = time.perf_counter() - t0
+        batches.close()
     enc, dec, per_row = np.mean(fills, axis=0)
     realised = counts / counts.sum()
     return dict(encoder_fill=float(enc), decoder_fill=float(dec), examples_per_row=float(per_row),
@@ -518,6 +558,8 @@ def _main(argv=None):
     p.add_argument("--no-pack", action="store_true")
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--preview", action="store_true")
+    p.add_argument("--workers", type=int, default=0,
+                   help="time examples/s through iterate() with this many data processes")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO)
     print(f"| objective, inputs / targets | min_chunk | fill encoder | fill decoder | examples/row "
@@ -536,7 +578,7 @@ def _main(argv=None):
                     print(f"{prompt.denoiser} from {prompt.document}\n  inputs : "
                           f"{data.render(prompt.inputs)[:300]!r}\n  targets: "
                           f"{data.render(prompt.targets)[:300]!r}")
-            m = measure(data, args.steps)
+            m = measure(data, args.steps, args.workers)
             fracs = " ".join(f"{f:.2f}" for f in m["chunk_fraction"])
             print(f"| {mixture} {L_in} / {L_tgt} | {min_chunk:g} | {m['encoder_fill']:.3f} | "
                   f"{m['decoder_fill']:.3f} | {m['examples_per_row']:.2f} | "

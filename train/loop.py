@@ -44,6 +44,7 @@ class LoopConfig(RunConfig):
     data: tuple = ("builtin",)
     text_field: str = "text"
     min_chunk: float = 1.0
+    data_workers: int = 0        # batches built in this many processes (0: a thread)
     samples_per_kind: int = 1
     max_new_tokens: int = 64
 
@@ -122,7 +123,8 @@ def run(cfg: LoopConfig, *, on_step: Optional[Callable[[int, dict], None]] = Non
                 ev = trainer.eval_step(params, local)
                 return {"eval_loss": float(ev["loss"]), "eval_accuracy": float(ev["accuracy"])}
 
-    history = trainer.train(data.iterate(trainer.start), evaluate=evaluate, on_step=on_step)
+    history = trainer.train(data.iterate(trainer.start, workers=cfg.data_workers),
+                            evaluate=evaluate, on_step=on_step)
     if cfg.export:  # outside the mesh context: loading the export builds an unsharded model
         export_and_sample(trainer.model(), data, trainer.out, cfg)
     return RunResult(trainer.out, trainer.start, max(trainer.start, cfg.steps), history)

@@ -19,16 +19,18 @@ by ``python -m jt5.train.data --min-chunk ...`` (RESULTS.md).
 
 The algorithm keeps the mixture honest: candidates (denoiser, document, position) are drawn i.i.d.
 and placed *in the order drawn*, never picked by size, so no denoiser is preferred. Each goes to
-the row where it fits whole, best fit (the row it leaves fullest); if no row takes it whole, to
-the row that takes the longest chunk of it, if that chunk is at least ``min_chunk`` of the
-whole; otherwise it is dropped. The batch ends after ``patience`` consecutive drops, or when no
+the row, among those that take at least ``min_chunk`` of its (planned) chunk, that scores best:
+the row left most even (|free inputs - free targets| in row units), then fullest, with a
+penalty of ``shrink_penalty`` per unit of the chunk cut off -- so a whole placement wins
+unless a cut one pairs far better (an S example that would leave a row's inputs empty is cut
+to share the row with input-heavy R examples instead). A candidate no row takes is dropped. The batch ends after ``patience`` consecutive drops, or when no
 row could take even a smallest example. Dropped draws are random draws (sampling is with
 replacement), not pieces of the corpus; they are few (``Plan.dropped``) and, since placement
 never looks ahead, the realised mixture stays within sampling noise of the configured one.
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Sequence
+from typing import NamedTuple, Optional, Sequence
 
 import numpy as np
 
@@ -134,7 +136,8 @@ def balance_scales(shapes: Shapes, probs, s_prefix_mean: float, min_chunk: float
 
 
 def pack(shapes: Shapes, draw, rows: int, *, min_chunk: float = 1.0, patience: int = 8,
-         block: int = 0, evenness_weight: float = 0.05) -> Plan:
+         block: int = 0, evenness_weight: float = 0.05,
+         shrink_penalty: Optional[float] = 0.5) -> Plan:
     """Place candidates from ``draw(n) -> Candidates`` into ``rows`` rows (see module docstring).
 
     ``draw`` is called for blocks of ``block`` (default ``rows``) candidates as needed; the plan
@@ -186,9 +189,12 @@ def pack(shapes: Shapes, draw, rows: int, *, min_chunk: float = 1.0, patience: i
                 continue
             misses = 0
             full = ok & (n == whole)
-            if full.any():  # whole somewhere: the row it leaves most even, then fullest
-                left_in, left_tgt = (free_in - a) * scale[0], (free_tgt - b) * scale[1]
-                score = np.abs(left_in - left_tgt) + evenness_weight * (left_in + left_tgt)
+            left_in, left_tgt = (free_in - a) * scale[0], (free_tgt - b) * scale[1]
+            score = np.abs(left_in - left_tgt) + evenness_weight * (left_in + left_tgt)
+            if shrink_penalty is not None:  # every row that takes enough of it competes
+                score = score + shrink_penalty * (1.0 - n / whole)
+                r = int(np.argmin(np.where(ok, score, np.inf)))
+            elif full.any():  # whole somewhere: the row it leaves most even, then fullest
                 r = int(np.argmin(np.where(full, score, np.inf)))
             else:           # shortened: where the longest chunk fits
                 r = int(np.argmax(np.where(ok, n, -1)))

@@ -79,8 +79,11 @@ FLAGS: tuple[Flag, ...] = (
     Flag("text_field", "--text-field", "the text column / JSON field of .parquet, datasets and "
          ".jsonl sources", default="text", jobs=("pretrain",)),
     Flag("min_chunk", "--min-chunk", "packing may shorten a UL2 chunk to this fraction so rows "
-         "fill on both sides (1: whole examples only; 0.1 fills ~0.93/0.95 at 512/114, see "
-         "benchmarks/RESULTS.md)", default=1.0, type=float_in(0.0, 1.0, open_low=True),
+         "fill on both sides (1: whole examples only; 0.1 fills >= 0.95 on both sides at 512/114 "
+         "and 512/512, see benchmarks/RESULTS.md)", default=1.0, type=float_in(0.0, 1.0, open_low=True),
+         jobs=("pretrain",)),
+    Flag("data_workers", "--data-workers", "build batches in this many processes (0: one "
+         "thread; batches are the same either way)", default=0, type=NON_NEGATIVE,
          jobs=("pretrain",)),
     Flag("eval_data", "--eval-data", "eval pairs (same formats)", jobs=("finetune",)),
     Flag("eval_fraction", "--eval-fraction", "hold this fraction of --data out as the eval split "
