@@ -249,6 +249,7 @@ class Packed(NamedTuple):
     plan: Plan
     which: np.ndarray      # [E] denoiser of each placed example (plan order)
     whole: np.ndarray      # [E] the chunk it would have taken unpacked (plan.length <= whole)
+    source_tokens: np.ndarray  # [num sources] chunk tokens the batch took from each --data source
 
 
 class Prompt(NamedTuple):
@@ -392,7 +393,7 @@ class Pipeline:
             plan = Plan(np.arange(rows), d.length, d.split, np.arange(rows), zero, zero,
                         np.ones(rows, np.int64), 0, rows)
             return Packed(assemble(ex, plan.row, zero, zero, plan.segment, rows), plan, d.which,
-                          d.length)
+                          d.length, self._source_tokens_of(d.doc, d.length))
         blocks = []
 
         def draw(n):
@@ -404,18 +405,31 @@ class Pipeline:
         placed = _Draws(*(x[plan.index] for x in every))
         ex = self._examples(rng, placed, plan.length, plan.split)
         batch = assemble(ex, plan.row, plan.inputs_offset, plan.targets_offset, plan.segment, rows)
-        return Packed(batch, plan, placed.which, placed.length)
+        return Packed(batch, plan, placed.which, placed.length,
+                      self._source_tokens_of(placed.doc, plan.length))
 
-    def iterate(self, start_step: int = 0, prefetch: int = 2, workers: int = 0
-                ) -> Iterator[tuple[int, dict]]:
+    def _packed_pair(self, step: int) -> tuple[dict, np.ndarray]:
+        p = self.packed(step)
+        return p.batch, p.source_tokens
+
+    def _source_tokens_of(self, doc, length) -> np.ndarray:
+        return np.bincount(np.asarray(self.store.doc_source[doc]), weights=length,
+                           minlength=len(self.config.data)).astype(np.int64)
+
+    def iterate(self, start_step: int = 0, prefetch: int = 2, workers: int = 0,
+                sources: Optional[dict] = None) -> Iterator[tuple[int, dict]]:
         """(step, batch) from ``start_step`` on; ``prefetch`` batches are built ahead in a thread,
         or, with ``workers`` > 0, in that many processes (each opens the same cached token
         store; ``batch(step)`` is a pure function of the step, so the order and the batches
-        are the same as in one process: only the throughput grows)."""
+        are the same as in one process: only the throughput grows). ``sources``: a dict that
+        gets ``{step: tokens taken from each --data source}`` for each batch yielded."""
         step = start_step
         if prefetch <= 0 and workers <= 0:
             while True:
-                yield step, self.batch(step)
+                p = self.packed(step)
+                if sources is not None:
+                    sources[step] = p.source_tokens
+                yield step, p.batch
                 step += 1
         if workers > 0:
             # spawn, not fork: the parent runs jax's threads
@@ -426,13 +440,15 @@ class Pipeline:
             make, ahead = _data_worker_batch, max(prefetch, 0) + workers
         else:
             pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="jt5-data")
-            make, ahead = self.batch, prefetch
+            make, ahead = self._packed_pair, prefetch
         with pool:
             queue = collections.deque(pool.submit(make, s) for s in range(step, step + ahead))
             try:
                 while True:
-                    batch = queue.popleft().result()
+                    batch, tokens = queue.popleft().result()
                     queue.append(pool.submit(make, step + ahead))
+                    if sources is not None:
+                        sources[step] = tokens
                     yield step, batch
                     step += 1
             finally:
@@ -502,8 +518,8 @@ def _init_data_worker(config, process_index, process_count, tokenizer):
                                 tokenizer=tokenizer, workers=1)
 
 
-def _data_worker_batch(step: int) -> dict:
-    return _WORKER_PIPELINE.batch(step)
+def _data_worker_batch(step: int) -> tuple[dict, np.ndarray]:
+    return _WORKER_PIPELINE._packed_pair(step)
 
 
 def measure(data: Pipeline, steps: int, workers: int = 0) -> dict:

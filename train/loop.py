@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import os
 from pathlib import Path
 from typing import Callable, NamedTuple, Optional
 
@@ -27,6 +28,7 @@ import numpy as np
 
 from jt5.model import T5ForConditionalGeneration
 from jt5.tokenizer import load_tokenizer
+from jt5.train import sources
 from jt5.train.data import DataConfig, Pipeline, assemble
 from jt5.train.runner import (TIMING_KEYS, MetricsWriter, NonFiniteLoss, RunConfig, Trainer,  # noqa: F401
                               default_dtype, export_hf, init_distributed, prepare, read_metrics,
@@ -123,8 +125,20 @@ def run(cfg: LoopConfig, *, on_step: Optional[Callable[[int, dict], None]] = Non
                 ev = trainer.eval_step(params, local)
                 return {"eval_loss": float(ev["loss"]), "eval_accuracy": float(ev["accuracy"])}
 
-    history = trainer.train(data.iterate(trainer.start, workers=cfg.data_workers),
-                            evaluate=evaluate, on_step=on_step)
+    taken: dict = {}  # step -> tokens each --data source gave that step's batch
+    names = [os.path.basename(os.path.normpath(s.spec)) or s.spec
+             for s in sources.parse_sources(data.config.data)]
+    if len(set(names)) < len(names):
+        names = [s.spec for s in sources.parse_sources(data.config.data)]
+
+    def per_source(step):  # metrics line `step` is made by batch step - 1
+        tokens = taken.pop(step - 1, None)
+        if len(names) < 2 or tokens is None:
+            return {}
+        return {f"source_tokens/{name}": float(n) for name, n in zip(names, tokens)}
+
+    history = trainer.train(data.iterate(trainer.start, workers=cfg.data_workers, sources=taken),
+                            evaluate=evaluate, on_step=on_step, batch_metrics=per_source)
     if cfg.export:  # outside the mesh context: loading the export builds an unsharded model
         export_and_sample(trainer.model(), data, trainer.out, cfg)
     return RunResult(trainer.out, trainer.start, max(trainer.start, cfg.steps), history)

@@ -376,8 +376,11 @@ class Trainer:
 
     def train(self, batches: Iterator[tuple[int, dict]], *,
               evaluate: Optional[Callable[[int, object], dict]] = None,
-              on_step: Optional[Callable[[int, dict], None]] = None) -> list[dict]:
+              on_step: Optional[Callable[[int, dict], None]] = None,
+              batch_metrics: Optional[Callable[[int], dict]] = None) -> list[dict]:
         """Steps ``start -> cfg.steps`` from ``batches`` (which must start at ``self.start``).
+        ``batch_metrics(step)``: more numbers for line ``step`` (e.g. per-source tokens of the
+        batch that made it).
 
         ``evaluate(step, params) -> metrics`` runs every ``cfg.eval_every`` steps, after the
         step's loss was found finite (so it may save things, e.g. a best checkpoint); its metrics
@@ -402,6 +405,8 @@ class Trainer:
             line = {"step": step, **{k: float(v) for k, v in jax.device_get(metrics).items()}}
             if not math.isfinite(line["loss"]):
                 raise NonFiniteLoss(step, line["loss"], last_saved, ckpts.directory)
+            if batch_metrics is not None:
+                line.update(batch_metrics(step))
             if evaluate is not None and params is not None and step % cfg.eval_every == 0:
                 line.update(evaluate(step, params))
             now_t = time.perf_counter()

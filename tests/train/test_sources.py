@@ -186,3 +186,28 @@ def test_parallel_tokenisation_equals_one_process(tmp_path, parquet_dir, small_b
     np.testing.assert_array_equal(np.asarray(one.offsets), np.asarray(two.offsets))
     assert one.meta["num_tokens"] == sum(len(t.encode()) for t in TEXTS[:]) - sum(
         len(t.encode()) for i, t in enumerate(TEXTS) if i not in set(np.asarray(one.doc_index)))
+
+
+def test_pretraining_on_a_weighted_mixture_reports_tokens_per_source(tmp_path, parquet_dir,
+                                                                    capsys):
+    """Two weighted sources through `loop.run`: the start line names each source's documents and
+    tokens, and every metrics line carries the tokens each source gave that step's batch."""
+    from jt5.train import loop
+    from tests.train.test_loop import loop_config
+
+    (tmp_path / "code.jsonl.gz").write_bytes(gzip.compress("".join(
+        json.dumps({"text": "def f(x):\n    return x * " + str(i)}) + "\n"
+        for i in range(300)).encode()))
+    data = (f"{parquet_dir}:0.5", f"{tmp_path / 'code.jsonl.gz'}:0.5")
+    cfg = loop_config(tmp_path / "run", data=data, steps=2, save_every=0, min_chunk=0.5)
+    result = loop.run(cfg)
+    start = capsys.readouterr().out.splitlines()[0]
+    import re
+    assert re.search(re.escape(str(parquet_dir)) + r" x0\.5: 49\d documents, [\d,]+ tokens; "
+                     r".*code\.jsonl\.gz x0\.5: \d+ documents, [\d,]+ tokens", start), start
+    lines = loop.read_metrics(result.out)
+    pipe = Pipeline(loop.data_config(cfg))
+    for line in lines:
+        want = pipe.packed(line["step"] - 1).source_tokens
+        got = [line["source_tokens/c4"], line["source_tokens/code.jsonl.gz"]]
+        assert got == want.tolist() and min(got) > 0
