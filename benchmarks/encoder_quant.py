@@ -49,7 +49,7 @@ def _times(fn, repeats):
     return dict(min=min(out), median=statistics.median(out), max=max(out))
 
 
-def jt5_row(model_dir, ids, ref, *, dtype, weights, kinds, repeats):
+def jt5_row(model_dir, ids, ref, *, dtype, weights, kinds, repeats, int8_compute=False):
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -58,7 +58,8 @@ def jt5_row(model_dir, ids, ref, *, dtype, weights, kinds, repeats):
     import jt5
     from jt5 import quant
     enc = jt5.T5EncoderModel.from_pretrained(model_dir, dtype=dtype, attention="xla",
-                                             weights=weights, quantized=kinds)
+                                             weights=weights, quantized=kinds,
+                                             int8_compute=int8_compute or None)
     fwd = nnx.jit(lambda m, x: m(x))
     x = jnp.asarray(ids, jnp.int32)
     y = np.asarray(jax.block_until_ready(fwd(enc, x)), np.float64)
@@ -124,6 +125,8 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     p.add_argument("--no-per-kind", action="store_true", help="skip the one-kind-at-a-time rows")
     p.add_argument("--no-hf", action="store_true", help="skip transformers' timing rows")
+    p.add_argument("--rows", default=None,
+                   help="only the rows whose label contains one of these, comma-separated")
     p.add_argument("--json", default=None)
     p.add_argument("--speed", action="store_true",
                    help="time a preset's whole encoder per weights format and batch instead")
@@ -149,11 +152,14 @@ def main(argv=None) -> int:
     rows = [("float32", "float32", None, (), True), ("bfloat16", "bfloat16", None, (), True),
             ("int8 (f32 compute)", "float32", "int8", (), True),
             ("int8 (bf16 compute)", "bfloat16", "int8", (), True),
+            ("int8 + int8 activations (int8_compute)", "bfloat16", "int8-act", (), True),
             ("fp8 (f32 compute)", "float32", "fp8", (), True),
             ("fp8 (bf16 compute)", "bfloat16", "fp8", (), True)]
     if not args.no_per_kind:
         rows += [(f"{fmt} {kind} only (bf16 compute)", "bfloat16", fmt, (kind,), False)
                  for fmt in ("int8", "fp8") for kind in KINDS]
+    if args.rows:
+        rows = [r for r in rows if any(s in r[0] for s in args.rows.split(","))]
     out = []
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = Path(tmp) / "model"
@@ -167,8 +173,10 @@ def main(argv=None) -> int:
               "max |")
         print("|---|---|---|---|---|---|---|---|")
         for label, dtype, weights, kinds, timed in rows:
+            act = weights == "int8-act"
+            weights = "int8" if act else weights
             r = jt5_row(model_dir, ids, ref, dtype=dtype, weights=weights, kinds=kinds,
-                        repeats=args.repeats if timed else 0)
+                        repeats=args.repeats if timed else 0, int8_compute=act)
             r.update(run=f"jt5 {label}", dtype=dtype, weights=weights or "float",
                      kinds=list(kinds))
             out.append(r)

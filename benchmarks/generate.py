@@ -66,7 +66,8 @@ def hf_config(cfg: jt5.T5Config):
 
 
 def build_pair(preset: str, workdir: Path, attention: str, torch_device: str, dtype: str,
-               jt5_dtype: str | None = None, weights: str | None = None):
+               jt5_dtype: str | None = None, weights: str | None = None,
+               int8_compute: bool = False):
     """(transformers model, jt5 model) with the same random weights, both in ``dtype``."""
     import torch
     import transformers
@@ -75,7 +76,8 @@ def build_pair(preset: str, workdir: Path, attention: str, torch_device: str, dt
     path = workdir / preset
     hf.save_pretrained(path)
     model = jt5.T5ForConditionalGeneration.from_pretrained(path, dtype=jt5_dtype or dtype,
-                                                           attention=attention, weights=weights)
+                                                           attention=attention, weights=weights,
+                                                           int8_compute=int8_compute or None)
     return hf.to(device=torch_device, dtype=getattr(torch, dtype)), model
 
 
@@ -231,6 +233,8 @@ def main(argv=None) -> int:
                    help="jt5's compute and parameter dtype if not --dtype")
     p.add_argument("--weights", default=None, choices=("float", "int8", "fp8"),
                    help="jt5's matmul weights: quantised at load (jt5/quant.py)")
+    p.add_argument("--int8-compute", action="store_true",
+                   help="jt5 with int8 weights: int8 activations too (CTranslate2's scheme)")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads (jt5: XLA's own)")
     p.add_argument("--ct2", default="float32,int8",
                    help="CTranslate2 compute types to run beside (CPU; needs pip ctranslate2; "
@@ -250,7 +254,8 @@ def main(argv=None) -> int:
     print(f"# jax {jax.__version__} on {device} ({jax.default_backend()}), torch "
           f"{torch.__version__} on {torch_device} ({args.threads} threads); "
           f"input {args.input_len}, new tokens {args.new_tokens}, {args.dtype}; jt5 "
-          f"{args.jt5_dtype or args.dtype}, {args.weights or 'float'} weights")
+          f"{args.jt5_dtype or args.dtype}, {args.weights or 'float'} weights"
+          f"{', int8 compute' if args.int8_compute else ''}")
     header = (f"{'model':9} {'strategy':8} {'batch':>5} {'HF tok/s':>9} {'jt5 tok/s':>9} "
               f"{'HF s':>8} {'jt5 s':>8} {'compile s':>9} {'jt5/HF':>7} same")
     print(header)
@@ -258,7 +263,7 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         for preset in [m for m in args.models.split(",") if m]:
             hf, model = build_pair(preset, Path(tmp), args.attention, torch_device,
-                                   args.dtype, args.jt5_dtype, args.weights)
+                                   args.dtype, args.jt5_dtype, args.weights, args.int8_compute)
             ct2 = None
             cts = [c for c in args.ct2.split(",") if c]
             if cts and torch_device == "cpu" and args.dtype == "float32":

@@ -81,6 +81,9 @@ class T5Config:
     # quantised checkpoint stores both (config.json's quantization_config).
     weights: str = "float"
     quantized: tuple = ()
+    # Execution (not stored): int8 weights meet int8 activations, quantised per row at run time
+    # (jt5.layers.matmul; CTranslate2's int8 scheme: faster on a CPU, less accurate).
+    int8_compute: bool = False
     # The residual stream between sublayers; None: float32 (also in bfloat16/float16 mode: it
     # brings bf16 within nai-t5's error of float32, benchmarks/bf16_accuracy.py).
     residual_dtype: Optional[str] = None
@@ -168,6 +171,9 @@ class T5Config:
             raise ValueError(f"weights={self.weights!r} must be one of {WEIGHT_FORMATS}")
         # JSON gives a list back (jt5_config.json, config.json): keep the config hashable.
         object.__setattr__(self, "quantized", tuple(self.quantized))
+        if self.int8_compute and self.weights != "int8":
+            raise ValueError(f"int8_compute=True runs int8 weights on int8 activations; the "
+                             f"weights are {self.weights!r} (pass weights='int8')")
         bad = [k for k in self.quantized if k not in QUANT_KINDS]
         if bad:
             raise ValueError(f"quantized={self.quantized!r}: unknown layer kinds {bad}; known: "
@@ -235,6 +241,9 @@ PRESETS: dict[str, T5Config] = {
                        num_heads=6, model_type="umt5", relative_bias_per_layer=True),
     "umt5-base": _v11(vocab_size=256384, d_model=768, d_kv=64, d_ff=2048, num_layers=12,
                       num_heads=12, model_type="umt5", relative_bias_per_layer=True),
+    # Wan 2.x's text encoder (google/umt5-xxl)
+    "umt5-xxl": _v11(vocab_size=256384, d_model=4096, d_kv=64, d_ff=10240, num_layers=24,
+                     num_heads=64, model_type="umt5", relative_bias_per_layer=True),
     # ByT5: bytes (256 + 3 special + 125 extra ids), deep encoder, shallow decoder.
     "byt5-small": _v11(vocab_size=384, d_model=1472, d_kv=64, d_ff=3584, num_layers=12,
                        num_decoder_layers=4, num_heads=6),

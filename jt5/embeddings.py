@@ -56,17 +56,20 @@ def bucket_length(n: int) -> int:
     return -(-n // 64) * 64
 
 
-def _load(model_or_path, dtype, attention, weights):
+def _load(model_or_path, dtype, attention, weights, int8_compute):
     from jt5 import formats
     from jt5.model import T5EncoderModel
     if isinstance(model_or_path, nnx.Module):
+        if int8_compute:
+            raise ValueError("int8_compute applies as a model loads: pass a path, or load the "
+                             "model with int8_compute=True")
         if weights is not None:
             from jt5.weights import requantize
             model_or_path = requantize(model_or_path, weights=weights)
         return model_or_path, None
     src = formats.locate(model_or_path)
     model = formats.load(src.path, T5EncoderModel, dtype=dtype, attention=attention,
-                         weights=weights)
+                         weights=weights, int8_compute=int8_compute or None)
     return model, src.tokenizer
 
 
@@ -91,7 +94,8 @@ def embed(model_or_path, texts: Sequence[str], *, pooling: Optional[str] = None,
           batch_size: int = 32, max_length: Optional[int] = None, padding: str = "longest",
           use_attention_mask: bool = True, zero_padding: Optional[bool] = None,
           dtype: Optional[str] = None, output_dtype: str = "float32",
-          weights: Optional[str] = None, attention: Optional[str] = None, devices=None,
+          weights: Optional[str] = None, int8_compute: bool = False,
+          attention: Optional[str] = None, devices=None,
           mesh=None, progress: bool = False) -> Embeddings:
     """Embed ``texts`` with the encoder of ``model_or_path``; see the module docstring.
 
@@ -105,7 +109,8 @@ def embed(model_or_path, texts: Sequence[str], *, pooling: Optional[str] = None,
     ``jt5.tokenizer.Tokenizer`` or spec ("byte", a directory); default: the model directory's.
     ``dtype``: compute dtype (default bfloat16 on a GPU, float32 on CPU); ``output_dtype``: the
     returned arrays' (bfloat16 comes straight from a bfloat16 encoder). ``weights``: "int8" /
-    "fp8" quantise the encoder's matmul weights as it loads (``jt5/quant.py``). ``devices``
+    "fp8" quantise the encoder's matmul weights as it loads (``jt5/quant.py``; ``int8_compute``:
+    int8 activations too). ``devices``
     (default all local) or ``mesh`` (``jt5.sharding.make_mesh``, e.g. ``"fsdp=4,tensor=2"``);
     ``batch_size`` is rounded up to a multiple of the rows' split.
     """
@@ -144,7 +149,7 @@ def embed(model_or_path, texts: Sequence[str], *, pooling: Optional[str] = None,
         raise ValueError("pass devices or mesh, not both")
     if dtype is None and not isinstance(model_or_path, nnx.Module):
         dtype = "float32" if jax.default_backend() == "cpu" else "bfloat16"
-    model, found = _load(model_or_path, dtype, attention, weights)
+    model, found = _load(model_or_path, dtype, attention, weights, int8_compute)
     if not isinstance(tokenizer, Tokenizer):
         spec = tokenizer or found
         if spec is None:

@@ -29,7 +29,8 @@ class QuantizedWeight(nnx.Module):
     logical axes) with one float32 ``scale`` per output channel (its trailing ``n_out`` axes):
     ``w = qweight * scale`` (``jt5/quant.py``)."""
 
-    def __init__(self, w, axes, n_out: int, fmt: str):
+    def __init__(self, w, axes, n_out: int, fmt: str, int8_compute: bool = False):
+        self.int8_compute = int8_compute  # static: the product's kind, not a parameter
         q, s = quant.quantize(w, n_out, fmt, xp=jnp)
         self.qweight = nnx.Param(q, out_sharding=tuple(axes), eager_sharding=False)
         self.scale = nnx.Param(s, out_sharding=tuple(axes[-n_out:]), eager_sharding=False)
@@ -41,15 +42,30 @@ def weight(rngs: nnx.Rngs, shape, axes, *, std: float, config: T5Config, kind: s
     p = param(rngs, shape, axes, std=std, dtype=jnp.dtype(config.param_dtype))
     if kind not in config.quantized_kinds:
         return p
-    return QuantizedWeight(p[...], axes, quant.out_ndim(kind), config.weights)
+    return QuantizedWeight(p[...], axes, quant.out_ndim(kind), config.weights,
+                           int8_compute=config.int8_compute)
 
 
 def matmul(eq: str, x, w, *, dtype, out_dtype=None):
     """``einsum(eq, x, w)`` with matmul inputs in ``dtype``, the result in ``out_dtype`` (default:
     ``dtype``). A ``QuantizedWeight`` enters the product converted to ``dtype`` (exact: int8 and
     e4m3 values fit bf16's mantissa), the float32 product is scaled per output channel (the
-    trailing axes of ``eq``'s output are the weight's outputs) and rounded once."""
+    trailing axes of ``eq``'s output are the weight's outputs) and rounded once.
+
+    With ``int8_compute`` (``T5Config.int8_compute``) an int8 weight meets int8 activations
+    instead: each row of ``x`` (its leading two axes are batch and length, the rest are
+    contracted) is quantised by its own absmax / 127, the product is int8 x int8 -> int32 and
+    both scales apply after (CTranslate2's int8 scheme: 2-4x faster dots than float32 on a
+    CPU, at the cost of the activations' rounding)."""
     x = x.astype(dtype)
+    if isinstance(w, QuantizedWeight) and w.int8_compute:
+        xf = x.astype(jnp.float32)
+        sx = jnp.max(jnp.abs(xf), axis=tuple(range(2, x.ndim)), keepdims=True) / 127.0
+        sx = jnp.where(sx > 0, sx, 1.0)                                   # [B, T, 1...]
+        xq = jnp.round(xf / sx).astype(jnp.int8)
+        y = jnp.einsum(eq, xq, w.qweight[...], preferred_element_type=jnp.int32)
+        sx = sx.reshape(sx.shape[:2] + (1,) * (y.ndim - 2))
+        return (y.astype(jnp.float32) * sx * w.scale[...]).astype(out_dtype or dtype)
     if isinstance(w, QuantizedWeight):
         y = jnp.einsum(eq, x, w.qweight[...].astype(dtype), preferred_element_type=jnp.float32)
         return (y * w.scale[...]).astype(out_dtype or dtype)

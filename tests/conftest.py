@@ -33,6 +33,9 @@ TOLERANCE = {
     # low precision whole-model: KL(ref || actual) of next-token distributions, mean over tokens
     ("bfloat16", "kl"): 2e-3,
     ("float16", "kl"): 5e-4,
+    # int8 weights on int8 activations (jt5.layers.matmul, int8_compute) on tests/hf_models'
+    # tiny widths, where rounding weighs most: measured 2.0e-3 (weight-only int8: 1.3e-3)
+    ("int8_compute", "kl"): 5e-3,
     # jt5.plan's FLOP count vs XLA's cost analysis (which adds the elementwise work)
     ("float32", "flop_count"): 3e-2,
 }

@@ -141,3 +141,38 @@ def test_bad_requests_are_one_clear_error(t5_dir, tmp_path):
     (tmp_path / "bnb" / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match="bitsandbytes.*not jt5's"):
         jt5.T5EncoderModel.from_pretrained(tmp_path / "bnb")
+
+
+@pytest.mark.parametrize("eq,x_shape,w_shape,axes,n_out", [
+    ("BTD,DF->BTF", (2, 5, 16), (16, 12), ("embed", "mlp"), 1),
+    ("BSD,DNH->BSNH", (2, 5, 16), (16, 3, 4), ("embed", "heads", "kv"), 2),
+    ("BTNH,NHD->BTD", (2, 5, 3, 4), (3, 4, 10), ("heads", "kv", "embed"), 1)])
+def test_int8_compute_is_the_integer_product_of_quantised_rows_and_channels(
+        eq, x_shape, w_shape, axes, n_out):
+    """int8_compute: each row of x (all but its batch and length axes) by its absmax / 127,
+    int8 x int8 summed exactly, both scales after: a float64 numpy reference of that scheme."""
+    from jt5.layers import QuantizedWeight, matmul
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=x_shape).astype(np.float32)
+    x[0, 1] *= 40.0  # rows of very different ranges: the scale is per row
+    w = QuantizedWeight(rng.normal(size=w_shape).astype(np.float32), axes, n_out, "int8",
+                        int8_compute=True)
+    got = np.asarray(matmul(eq, x, w, dtype=np.float32))
+    sx = np.abs(x).max(axis=tuple(range(2, x.ndim)), keepdims=True) / 127.0
+    xq = np.round(x / sx)
+    want = (np.einsum(eq, xq, np.asarray(w.qweight[...], np.float64))
+            * sx.reshape(sx.shape[:2] + (1,) * n_out) * np.asarray(w.scale[...], np.float64))
+    assert_close(got, want, dtype="float32", check="hidden", what=f"int8 compute {eq}")
+
+
+def test_int8_compute_model_stays_near_transformers(t5_dir):
+    from tests.conftest import assert_kl
+    model = jt5.T5ForConditionalGeneration.from_pretrained(t5_dir, weights="int8",
+                                                           int8_compute=True)
+    ids, mask, dec = hf_models.inputs(99)
+    ref = hf_models.build("t5-v1_1", t5_dir.parent / "act-ref")
+    expected = hf_models.hf_reference_logits(ref, "t5-v1_1", ids, mask, dec)
+    assert_kl(expected, model(ids, dec, mask), dtype="int8_compute",
+              what="int8 weights x int8 activations")
+    with pytest.raises(ValueError, match="int8_compute=True runs int8 weights"):
+        jt5.T5EncoderModel.from_pretrained(t5_dir, weights="fp8", int8_compute=True)
