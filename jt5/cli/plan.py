@@ -120,14 +120,15 @@ def run(args) -> int:
             task = bg.task_params(args.model, args.task)
         result = plan.generate(args.model, target, batch_size=args.batch_size,
                                length=args.length or 512, mesh=args.mesh, dtype=args.dtype,
-                               attention=args.attention,
+                               attention=args.attention, weights=args.weights,
+                               int8_compute=args.int8_compute,
                                **_job("generate").options(args, task), **common)
     else:
         result = plan.embed(args.model, target, batch_size=args.batch_size,
                             length=args.length or args.max_length or 512,
                             pooling=args.pooling or "mean", dtype=args.dtype,
-                            attention=args.attention, weights=args.weights, mesh=args.mesh,
-                            **common)
+                            attention=args.attention, weights=args.weights,
+                            int8_compute=args.int8_compute, mesh=args.mesh, **common)
     print(plan.format_table(result), flush=True)
     if args.json:
         text = json.dumps(result.to_json(), indent=1) + "\n"

@@ -62,23 +62,27 @@ def train(cfg, target: Target, *, job: str = "pretrain", layers: Optional[int] =
 def generate(model, target: Target, *, batch_size: int = 16, length: int = 512,
              mesh: Optional[str] = None, dtype: Optional[str] = None,
              attention: Optional[str] = None, layers: Optional[int] = None,
+             weights: Optional[str] = None, int8_compute: Optional[bool] = None,
              fraction: Optional[float] = None, **options) -> Plan:
     """Plan of ``jt5 generate`` over ``batch_size`` prompts of ``length`` tokens; ``options``:
     generation settings (``num_beams``, ``max_new_tokens``, ... as ``jt5.generate``)."""
     def build(override):
         return jobs.generate(model, target, batch_size=batch_size, length=length, mesh=mesh,
                              dtype=dtype, attention=override or attention, options=options,
-                             layers=layers)
+                             layers=layers, weights=weights, int8_compute=int8_compute)
     auto = attention in (None, "auto") and jobs.base_config(model).attention == "auto"
     return make_plan(build, target, auto=auto, fraction=fraction)
 
 
 def embed(model, target: Target, *, batch_size: int = 32, length: int = 512,
           pooling: str = "mean", dtype: Optional[str] = None, attention: Optional[str] = None,
-          layers: Optional[int] = None, fraction: Optional[float] = None) -> Plan:
+          layers: Optional[int] = None, weights: Optional[str] = None,
+          int8_compute: Optional[bool] = None, mesh: Optional[str] = None,
+          fraction: Optional[float] = None) -> Plan:
     """Plan of ``jt5 embed``: the encoder and pooling over ``batch_size`` rows of ``length``."""
     def build(override):
         return jobs.embed(model, target, batch_size=batch_size, length=length, pooling=pooling,
-                          dtype=dtype, attention=override or attention, layers=layers)
+                          dtype=dtype, attention=override or attention, layers=layers,
+                          weights=weights, int8_compute=int8_compute, mesh=mesh)
     auto = attention in (None, "auto") and jobs.base_config(model).attention == "auto"
     return make_plan(build, target, auto=auto, fraction=fraction)

@@ -111,7 +111,8 @@ def _captured_fd2():
 
 def _summarise(line: str) -> str:
     """XLA's resharding warning is one very long line; keep the part that names the op."""
-    m = re.search(r"from sharding (\S+) to (\S+) .*?HLO operation: (%?[\w.\-]+ = [^ ]+)", line)
+    m = re.search(r"from sharding (\{.*?\}) to (\{.*?\}) .*?HLO operation (%[\w.\-]+ = \S+)",
+                  line)
     if m:
         return f"{RESHARDING_WARNING}: {m.group(3)} from {m.group(1)} to {m.group(2)}"
     return line.strip()[:300]

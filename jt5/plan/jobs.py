@@ -161,7 +161,8 @@ def _generation_defaults(model):
 
 def generate(model: str, target: Target, *, batch_size: int, length: int, mesh: Optional[str],
              dtype: Optional[str], attention: Optional[str], options: dict,
-             layers: Optional[int] = None) -> Program:
+             layers: Optional[int] = None, weights: Optional[str] = None,
+             int8_compute: Optional[bool] = None) -> Program:
     """``jt5 generate``'s compiled loop for ``batch_size`` prompts of ``length`` tokens with the
     generation ``options`` (the job's flags; the checkpoint's generation config under them)."""
     from jt5 import generate as gen
@@ -170,7 +171,8 @@ def generate(model: str, target: Target, *, batch_size: int, length: int, mesh: 
     from jt5.weights import abstract_model, config_with
 
     cfg = with_layers(config_with(base_config(model), dtype=dtype,
-                                  attention=gpu_attention(attention)), layers)
+                                  attention=gpu_attention(attention), weights=weights,
+                                  int8_compute=int8_compute or None), layers)
     cfg = cfg.replace(attention=gpu_attention(cfg.attention))
     abstract = abstract_model(cfg, T5ForConditionalGeneration)
     abstract.generation_config = _generation_defaults(model)
@@ -229,39 +231,44 @@ def generate(model: str, target: Target, *, batch_size: int, length: int, mesh: 
 # -- embed ------------------------------------------------------------------------------------
 def embed(model: str, target: Target, *, batch_size: int, length: int, pooling: str,
           dtype: Optional[str], attention: Optional[str], layers: Optional[int] = None,
-          weights: Optional[str] = None, mesh: Optional[str] = None) -> Program:
-    """``jt5 embed``'s encoder and pooling over ``batch_size`` rows of ``length`` tokens: rows
-    over ``data`` across every device, the weights replicated (as the job places them), or as
-    ``mesh`` splits them (``fsdp`` / ``tensor``); ``weights``: int8 / fp8 matmul weights."""
+          weights: Optional[str] = None, int8_compute: Optional[bool] = None,
+          mesh: Optional[str] = None) -> Program:
+    """``jt5 embed``'s encoder and pooling over ``batch_size`` rows of ``length`` tokens (the
+    bucket it pads them to), placed as the job places them: rows over ``data`` x ``fsdp`` of
+    ``mesh`` (default: ``data`` over every device), weights by ``jt5.sharding``'s rules."""
     from jt5 import embeddings, sharding
     from jt5.model import T5EncoderModel
     from jt5.pooling import pool
     from jt5.weights import abstract_model, config_with
 
     cfg = with_layers(config_with(base_config(model), dtype=dtype or GPU_DEFAULT_DTYPE,
-                                  attention=gpu_attention(attention), weights=weights), layers)
+                                  attention=gpu_attention(attention), weights=weights,
+                                  int8_compute=int8_compute or None), layers)
     cfg = cfg.replace(attention=gpu_attention(cfg.attention))
     devices = target.devices
-    mesh = sharding.make_mesh(mesh or {"data": len(devices)}, devices)
-    split = mesh.shape["data"] * mesh.shape["fsdp"]
+    try:
+        grid = sharding.make_mesh(mesh or {"data": len(devices)}, devices)
+    except ValueError as e:
+        raise ValueError(f"--mesh {mesh}: {e}") from e
+    split = grid.shape["data"] * grid.shape["fsdp"]
     B = -(-batch_size // split) * split
     T = embeddings.bucket_length(length)
     params, f = embeddings._encode_fn(abstract_model(cfg, T5EncoderModel))
-    params = _abstract(params, sharding.param_shardings(params, mesh))
-    rows = sharding.batch_sharding(mesh, 2)
-    ids = jax.ShapeDtypeStruct((B, T), jnp.int32, sharding=rows)
+    params = _abstract(params, sharding.param_shardings(params, grid))
+    ids = jax.ShapeDtypeStruct((B, T), jnp.int32, sharding=sharding.batch_sharding(grid, 2))
 
     @jax.jit
     def run(params, ids, mask):
         return pool(f(params, ids, mask), mask, pooling)
 
     def lower():
-        with jax.set_mesh(mesh):
+        with jax.set_mesh(grid):
             return run.lower(params, ids, ids)
 
     what = (f"embed {_model_name(model)}{_layers_text(layers)}: {B} rows x {T} tokens, "
-            f"pooling {pooling}, {cfg.dtype}, {cfg.weights} weights, attention {cfg.attention}, "
-            f"encoder {cfg.encoder_attention_type}")
-    return Program("embed", what, dict(mesh.shape), lower, param_bytes=shard_bytes(params),
+            f"pooling {pooling}, {cfg.dtype}, attention {cfg.attention}, "
+            f"encoder {cfg.encoder_attention_type}"
+            + (f", {cfg.weights} weights" if cfg.weights != "float" else ""))
+    return Program("embed", what, dict(grid.shape), lower, param_bytes=shard_bytes(params),
                    optimizer_bytes=0, flops=flops_lib.encoder_forward(cfg, B, T), config=cfg,
                    knobs=dict(batch_size=B, attention=cfg.attention, devices=len(devices)))
