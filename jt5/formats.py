@@ -95,15 +95,31 @@ def model_classes() -> dict:
                                     *HEAD_CLASSES.values())}
 
 
-def stored_class(path):
-    """The jt5 class a transformers directory's ``architectures`` names (a task head, an encoder
-    or a seq2seq model; T5ForConditionalGeneration when it names none of them)."""
-    from jt5.bridge import hf, keymap
-    from jt5.heads import HEAD_CLASSES
-    from jt5.model import T5EncoderModel, T5ForConditionalGeneration
-    kind = keymap.architecture_kind(hf.read_config(path))
-    return (HEAD_CLASSES[kind] if kind in HEAD_CLASSES else
-            T5EncoderModel if kind == "encoder" else T5ForConditionalGeneration)
+def saved_class(path):
+    """The jt5 class the model at ``path`` (any format, or a located ``Source``) was saved as:
+    a transformers directory's ``architectures`` (a task head, an encoder, else a seq2seq
+    model), a jt5 checkpoint's or a run's ``model_class``."""
+    src = path if isinstance(path, Source) else locate(path)
+    classes = model_classes()
+    if src.kind == "hf":
+        from jt5.bridge import hf, keymap
+        from jt5.heads import HEAD_CLASSES
+        kind = keymap.architecture_kind(hf.read_config(src.path))
+        return (HEAD_CLASSES[kind] if kind in HEAD_CLASSES else
+                classes["T5EncoderModel"] if kind == "encoder" else
+                classes["T5ForConditionalGeneration"])
+    if src.kind == "jt5":
+        from jt5.bridge import native
+        name = native.read_meta(src.path)[1]
+    else:
+        from jt5.train import checkpoint as ckpt
+        step = ckpt.latest_complete_step(src.path)
+        name = ckpt.read_meta(ckpt.checkpoint_dir(src.path) / str(step)).get(
+            "model_class", "T5ForConditionalGeneration")
+    if name not in classes:
+        raise ValueError(f"{src.path}: unknown model_class {name!r}; expected one of "
+                         f"{sorted(classes)}")
+    return classes[name]
 
 
 def load(path, cls=None, *, dtype: Optional[str] = None, param_dtype: Optional[str] = None,
@@ -119,7 +135,6 @@ def load(path, cls=None, *, dtype: Optional[str] = None, param_dtype: Optional[s
     ``abstract_state -> shardings`` placing parameters on a mesh. ``config_overrides``: other
     T5Config fields (``remat``, ``dropout_rate``, ...)."""
     from jt5 import weights
-    from jt5.model import T5ForConditionalGeneration
 
     if config_overrides.get("encoder_attention_type") == "transient-global":
         # A checkpoint without LongT5's global parameters loads as stored, then gets them.
@@ -129,23 +144,23 @@ def load(path, cls=None, *, dtype: Optional[str] = None, param_dtype: Optional[s
             shardings=shardings, progress=progress, **config_overrides)
     src = locate(path)
     overrides = dict(config_overrides, dtype=dtype, param_dtype=param_dtype, attention=attention)
+    if src.kind != "hf" and weights.head_of(cls) and saved_class(src) is not cls:
+        # A jt5 checkpoint or run of another class (e.g. a pretrained T5) into a task head: load
+        # it as saved, then give it a fresh head (transformers directories do this in load_hf).
+        from jt5.heads import CONFIG_FIELDS
+        head = {k: overrides.pop(k) for k in CONFIG_FIELDS if k in overrides}
+        base = load(path, None, shardings=shardings, **overrides)
+        return weights.as_head(base, cls, shardings=shardings, source=str(src.path), **head)
     if src.kind == "hf":
-        return weights.load_hf(src.path, cls or stored_class(src.path), shardings=shardings,
+        return weights.load_hf(src.path, cls or saved_class(src), shardings=shardings,
                                progress=progress, **overrides)
     if src.kind == "jt5":
-        if cls is None:  # the class the checkpoint was saved as
-            classes = model_classes()
-            from jt5.bridge import native
-            name = native.read_meta(src.path)[1]
-            if name not in classes:
-                raise ValueError(f"{src.path}: unknown model_class {name!r}; expected one of "
-                                 f"{sorted(classes)}")
-            cls = classes[name]
+        cls = cls or saved_class(src)
         return weights.load_native(src.path, cls, shardings=shardings, **overrides)
     from jt5.train.checkpoint import load_model_from_run
     q = {k: overrides.pop(k) for k in ("weights", "quantized") if k in overrides}
-    model = load_model_from_run(src.path, cls or T5ForConditionalGeneration, shardings=shardings,
-                                **overrides)
+    model = load_model_from_run(src.path, cls or saved_class(src),
+                                shardings=shardings, **overrides)
     if q.get("weights") is None:
         return model
     return weights.requantize(model, weights=q["weights"], quantized=q.get("quantized") or (),

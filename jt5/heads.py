@@ -21,9 +21,10 @@ mask, causal only) and takes the decoder output at the last EOS of each row; row
 EOS counts are refused as transformers refuses them (checked whenever the ids are concrete; under
 ``jax.jit`` each row's last EOS is used). ``T5EncoderForSequenceClassification`` is jt5's (after
 TurboT5's encoder classifier): it runs no decoder (the sequence classifier runs a whole decoder
-over the shifted input, cross-attending to every input token); it keeps transformers' ``T5ClassificationHead`` (dense, tanh, out_proj) and stores
-its encoder under ``transformer.`` as ``T5ForTokenClassification`` does, so transformers'
-``T5EncoderModel`` reads its encoder from the file.
+over the shifted input, cross-attending to every input token); it keeps transformers'
+``T5ClassificationHead`` (dense, tanh, out_proj) and stores its encoder under ``transformer.``
+as ``T5ForTokenClassification`` does, so transformers' ``T5EncoderModel`` reads its encoder
+from the file.
 
 Heads compute in float32 whatever the model dtype. ``classifier_dropout`` applies where
 transformers applies it. Freshly initialised heads (a base checkpoint loaded into a head) draw
@@ -45,6 +46,11 @@ from jt5.config import T5Config
 from jt5.layers import Embed, dropout
 from jt5.model import Decoder, Encoder, decoder_masks, encoder_mask
 from jt5.pooling import pool
+
+
+# The T5Config fields a head adds (transformers' config.json keys, plus classifier_pooling).
+CONFIG_FIELDS = ("num_labels", "id2label", "problem_type", "classifier_dropout",
+                 "classifier_pooling")
 
 
 class SpanLogits(NamedTuple):

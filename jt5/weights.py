@@ -142,6 +142,30 @@ def _init_head(cls, config: T5Config, flat: dict, unfilled: list, placement, sou
                   stacklevel=3)
 
 
+def as_head(model, cls, *, shardings=None, source: str = "", **config_overrides):
+    """``model`` (any jt5 model, e.g. a pretrained T5ForConditionalGeneration) as the task head
+    class ``cls``: its shared/encoder/decoder parameters, the head's own freshly initialised
+    (with the warning ``load_hf`` gives). ``config_overrides``: the head's fields (labels...)."""
+    config = config_with(model.config, **config_overrides)
+    graphdef, abstract = nnx.split(abstract_model(config, cls))
+    flat = dict(nnx.to_flat_state(abstract))
+    placement = None if shardings is None else dict(nnx.to_flat_state(shardings(abstract)))
+    have = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
+    unfilled = []
+    for p, var in flat.items():
+        if p not in have:
+            unfilled.append(p)
+            continue
+        value = have[p].get_value()
+        if tuple(value.shape) != tuple(var.shape):
+            raise hf.CheckpointError(f"{source}: {'/'.join(map(str, p))} is {tuple(value.shape)} "
+                                     f"in the checkpoint but the model asks for {tuple(var.shape)}")
+        var.set_value(value)
+    if unfilled:
+        _init_head(cls, config, flat, unfilled, placement, source or type(model).__name__)
+    return nnx.merge(graphdef, nnx.from_flat_state(flat))
+
+
 def model_params(model, *, progress: bool = False) -> dict:
     """``{jt5 path: np.ndarray}`` of a model's parameters (gathered to this host)."""
     from jax.experimental import multihost_utils

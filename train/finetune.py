@@ -11,6 +11,15 @@ far are written to ``OUT/best`` (a jt5 checkpoint: ``--model`` and ``jt5.load`` 
 export and generation at the end use them. At the end the model is exported to ``OUT/hf``
 (tokenizer files included) and greedy outputs on the eval split go to ``OUT/eval.jsonl`` with
 exact match and chrF (Popović 2015: character 1..6-gram F-score, beta 2, whitespace ignored).
+
+With ``head`` (``run_head``; ``jt5 finetune --head``) a task head (``jt5.heads``) trains on
+labelled data (``train/labels.py``) instead, on the same runner: the labels' names become the
+model's ``id2label`` (a checkpoint with this head keeps its own, and the data must use them; any
+other checkpoint gets a fresh head). The eval split's loss and the head's metrics
+(``train/head_tasks.py``: accuracy and macro-F1; token accuracy and F1; exact match and F1)
+join the metrics line as ``eval_*``; keep-best keeps the lowest eval loss. ``OUT/hf`` is a
+directory transformers' head class loads, and the *exported* model's predictions on the eval
+split go to ``OUT/eval.jsonl`` with the summary in ``OUT/eval_summary.json``.
 """
 from __future__ import annotations
 
@@ -23,11 +32,16 @@ from typing import Callable, NamedTuple, Optional
 
 import jax
 import numpy as np
+from flax import nnx
 
+from jt5 import formats
 from jt5.model import T5ForConditionalGeneration
 from jt5.tokenizer import load_tokenizer, tokenizer_files
+from jt5.train import head_tasks
+from jt5.train.labels import LabelData, LabelsConfig
 from jt5.train.pairs import PairData, PairsConfig
-from jt5.train.runner import RunConfig, Trainer, default_dtype, export_hf, prepare, tokenizer_spec
+from jt5.train.runner import (RunConfig, Trainer, default_dtype, export_hf, is_model_path,
+                              prepare, tokenizer_spec)
 
 log = logging.getLogger(__name__)
 BEST = "best"
@@ -49,6 +63,11 @@ class FinetuneConfig(RunConfig):
     max_new_tokens: Optional[int] = None   # None: targets_length
     eval_generate: int = 1000              # eval examples generated at the end (0: none)
     generate_batch_size: int = 32
+    # A task head (jt5.heads; keymap.HEADS key) instead of text-to-text: see run_head.
+    head: Optional[str] = None
+    label_field: str = "label"
+    context_field: str = "context"         # question-answering
+    classifier_pooling: Optional[str] = None   # encoder-classification: "mean" | "first"
 
 
 class FinetuneResult(NamedTuple):
@@ -81,7 +100,10 @@ def _data_text(cfg: FinetuneConfig, data: PairData) -> str:
 
 def run(cfg: FinetuneConfig, *, on_step: Optional[Callable[[int, dict], None]] = None
         ) -> FinetuneResult:
-    """Fine-tune (or resume) to ``cfg.steps``, then export and evaluate by generation."""
+    """Fine-tune (or resume) to ``cfg.steps``, then export and evaluate by generation (with
+    ``cfg.head``: train that task head and evaluate its predictions: ``run_head``)."""
+    if cfg.head is not None:
+        return run_head(cfg, on_step=on_step)
     mcfg, mesh = prepare(cfg)
     pcfg = pairs_config(cfg)
     try:
@@ -117,7 +139,7 @@ def run(cfg: FinetuneConfig, *, on_step: Optional[Callable[[int, dict], None]] =
         line = {"eval_loss": tot["loss"] / max(tot["weight"], 1.0),
                 "eval_accuracy": tot["correct"] / max(tot["weight"], 1.0)}
         if cfg.keep_best:
-            _keep_if_best(trainer.model(params), tokenizer, best_dir, step, line["eval_loss"])
+            keep_if_best(trainer.model(params), tokenizer, best_dir, step, line["eval_loss"])
         return line
 
     history = trainer.train(data.iterate(trainer.start),
@@ -126,9 +148,8 @@ def run(cfg: FinetuneConfig, *, on_step: Optional[Callable[[int, dict], None]] =
     if cfg.export:
         model = trainer.model()
         if cfg.keep_best and (best_dir / "best.json").is_file():
-            from jt5 import formats
             model = formats.load(best_dir, T5ForConditionalGeneration)
-            print(f"using the best checkpoint: {_read_best(best_dir)}")
+            print(f"using the best checkpoint: {read_best(best_dir)}")
         hf_dir = export_hf(model, tokenizer, trainer.out)
         if hf_dir is not None and data.eval.inputs and cfg.eval_generate:
             result = evaluate_generation(hf_dir, data, trainer.out / "eval.jsonl", cfg)
@@ -136,16 +157,16 @@ def run(cfg: FinetuneConfig, *, on_step: Optional[Callable[[int, dict], None]] =
                           result)
 
 
-def _read_best(best_dir: Path) -> Optional[dict]:
+def read_best(best_dir: Path) -> Optional[dict]:
     f = best_dir / "best.json"
     return json.loads(f.read_text()) if f.is_file() else None
 
 
-def _keep_if_best(model, tokenizer, best_dir: Path, step: int, loss: float) -> None:
+def keep_if_best(model, tokenizer, best_dir: Path, step: int, loss: float) -> None:
     """Save the parameters to OUT/best when ``loss`` beats the record there (ties keep the older:
     a resumed run recomputing the same step finds its own record and writes nothing)."""
     from jt5 import weights
-    best = _read_best(best_dir)
+    best = read_best(best_dir)
     if best is not None and best["eval_loss"] <= loss:
         return
     (best_dir / "best.json").unlink(missing_ok=True)  # no record while the weights are replaced
@@ -218,4 +239,126 @@ def evaluate_generation(hf_dir: Path, data: PairData, path: Path, cfg: FinetuneC
           f"{summary['chrf']:.1f}; {path}")
     print("\n".join(lines))
     (path.parent / "eval_summary.json").write_text(json.dumps(summary) + "\n")
+    return summary
+
+
+# -- task heads (--head) -----------------------------------------------------------------------
+def labels_config(cfg: FinetuneConfig, id2label: tuple = ()) -> LabelsConfig:
+    if not cfg.data:
+        raise ValueError("--data: give a .jsonl (or .csv / .tsv) file of labelled examples")
+    return LabelsConfig(head=cfg.head, data=cfg.data, eval_data=cfg.eval_data,
+                        eval_fraction=cfg.eval_fraction, input_field=cfg.input_field,
+                        label_field=cfg.label_field, context_field=cfg.context_field,
+                        prefix=cfg.prefix, tokenizer=tokenizer_spec(cfg),
+                        inputs_length=cfg.inputs_length, batch_size=cfg.batch_size, seed=cfg.seed,
+                        id2label=id2label)
+
+
+def _own_labels(cfg: FinetuneConfig, mcfg) -> tuple:
+    """The label names of a ``--model`` that already has this head (its data must use them)."""
+    if not is_model_path(cfg.model):
+        return ()
+    cls = formats.saved_class(cfg.model)
+    if getattr(cls, "task_head", None) != cfg.head:
+        return ()
+    return mcfg.id2label or tuple(f"LABEL_{i}" for i in range(mcfg.num_labels))
+
+
+def _labels_text(cfg: FinetuneConfig, data: LabelData) -> str:
+    s, spec = data.stats(), data.config.tokenizer
+    ev = (f"eval {cfg.eval_data}" if cfg.eval_data else f"eval {cfg.eval_fraction:g} held out"
+          if cfg.eval_fraction else "no eval")
+    labels = f"{s['labels']} labels" if data.id2label else "spans"
+    return (f"head {cfg.head}; data {cfg.data} ({s['train']:,} examples, {labels}, "
+            f"{data.epochs(cfg.steps):.1f} epochs; {ev}: {s['eval']:,}; truncated "
+            f"{s['truncated']}; {spec if spec == 'byte' else 'tokenizer ' + spec})")
+
+
+def run_head(cfg: FinetuneConfig, *, on_step: Optional[Callable[[int, dict], None]] = None
+             ) -> FinetuneResult:
+    """``run`` with ``cfg.head``: train a task head on labelled data (see the module docstring)."""
+    mcfg, mesh = prepare(cfg)
+    spec = tokenizer_spec(cfg)
+    try:
+        tokenizer = load_tokenizer(spec)
+    except ValueError as e:
+        raise ValueError(f"--tokenizer {spec}: {e}") from e
+    lcfg = labels_config(cfg, _own_labels(cfg, mcfg))
+    data = LabelData(lcfg, tokenizer, process_index=jax.process_index(),
+                     process_count=jax.process_count())
+    if data.vocab_size > mcfg.vocab_size:
+        raise ValueError(f"the tokenizer uses ids up to {data.vocab_size - 1} but the model's "
+                         f"vocab_size is {mcfg.vocab_size}")
+    if cfg.classifier_pooling is not None:
+        mcfg = mcfg.replace(classifier_pooling=cfg.classifier_pooling)
+    names = data.id2label
+    if names:
+        default = names == tuple(f"LABEL_{i}" for i in range(len(names)))
+        mcfg = mcfg.replace(num_labels=len(names), id2label=() if default else names,
+                            problem_type="single_label_classification")
+    s = data.stats()
+    if s["truncated"]:
+        log.warning("truncated %d of %d inputs to --inputs-length %d", s["truncated"],
+                    s["train"] + s["eval"], cfg.inputs_length)
+    if s["unanswerable"]:
+        log.warning("%d of %d questions have no answer span the input's tokens hold (cut off by "
+                    "--inputs-length, or not whole tokens): not trained on", s["unanswerable"],
+                    s["train"] + s["eval"])
+    if cfg.keep_best and not (cfg.eval_every and s["eval"]):
+        raise ValueError("--keep-best needs --eval-every N and an eval split "
+                         "(--eval-data or --eval-fraction)")
+    task = head_tasks.task(cfg.head)
+    trainer = Trainer(cfg, mcfg, mesh, lcfg, kind="finetune", data_text=_labels_text(cfg, data),
+                      task=task)
+    best_dir = trainer.out / BEST
+    eval_batches = [trainer.local_rows(b) for b in data.eval_rows()]
+
+    def evaluate(step, params):
+        outputs, tot = [], collections.Counter()
+        for local in eval_batches:
+            m = trainer.eval_step(params, local)
+            w = float(m["target_tokens"])
+            tot.update(loss=float(m["loss"]) * w, weight=w)
+            outputs.append(m)
+        line = {"eval_loss": tot["loss"] / max(tot["weight"], 1.0)}
+        line.update({f"eval_{k}": v for k, v in head_tasks.score(data, outputs)[0].items()})
+        if cfg.keep_best:
+            keep_if_best(trainer.model(params), tokenizer, best_dir, step, line["eval_loss"])
+        return line
+
+    history = trainer.train(data.iterate(trainer.start),
+                            evaluate=evaluate if eval_batches else None, on_step=on_step)
+    result = None
+    if cfg.export:
+        model = trainer.model()
+        if cfg.keep_best and (best_dir / "best.json").is_file():
+            model = formats.load(best_dir, task.model_cls)
+            print(f"using the best checkpoint: {read_best(best_dir)}")
+        hf_dir = export_hf(model, tokenizer, trainer.out)
+        if hf_dir is not None and data.eval.ids:
+            result = evaluate_predictions(hf_dir, data, trainer.out / "eval.jsonl", cfg)
+    return FinetuneResult(trainer.out, trainer.start, max(trainer.start, cfg.steps), history,
+                          result)
+
+
+def evaluate_predictions(hf_dir: Path, data: LabelData, path: Path, cfg: FinetuneConfig) -> dict:
+    """The *exported* model's predictions on the eval split -> ``path`` (JSONL) + summary."""
+    model = formats.load(hf_dir, dtype=default_dtype(), attention=cfg.attention)
+    graphdef, params = nnx.split(model)
+    predict = head_tasks.task(cfg.head).predict
+
+    @jax.jit
+    def step(params, batch):
+        return predict(nnx.merge(graphdef, params), batch)
+
+    outputs = [jax.device_get(step(params, b)) for b in data.eval_rows()]
+    summary, records = head_tasks.score(data, outputs)
+    summary = {"examples": len(records), **summary}
+    with open(path, "w") as f:
+        for rec in records:
+            f.write(json.dumps(rec) + "\n")
+    (path.parent / "eval_summary.json").write_text(json.dumps(summary) + "\n")
+    shown = ", ".join(f"{k.replace('_', ' ')} {v:.3f}" for k, v in summary.items()
+                      if k != "examples")
+    print(f"eval: {len(records)} examples, {shown}; {path}")
     return summary

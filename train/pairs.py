@@ -71,16 +71,17 @@ class Record(NamedTuple):
     where: str        # "file:line", for error messages and eval.jsonl
 
 
-def read_records(path, input_field: str, target_field: str) -> list[Record]:
-    """The (input, target) text pairs of one file; ValueError naming file:line and field."""
+def read_rows(path, flags: dict, kinds=tuple(EXTENSIONS.values())) -> list[tuple[int, dict]]:
+    """``(line number, row)`` of every example in a ``.jsonl`` / ``.csv`` / ``.tsv`` file
+    (``kinds``: the formats allowed); a CSV header must name every field of ``flags``
+    (field -> the flag that sets it). ValueError naming file:line otherwise."""
     path = os.fspath(path)
     kind = EXTENSIONS.get(os.path.splitext(path)[1].lower())
-    if kind is None:
-        raise ValueError(f"{path}: unknown extension; expected one of {', '.join(EXTENSIONS)}")
+    allowed = [e for e, k in EXTENSIONS.items() if k in kinds]
+    if kind not in kinds:
+        raise ValueError(f"{path}: unknown extension; expected one of {', '.join(allowed)}")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path} does not exist")
-    out = []
-    flag = {input_field: "--input-field", target_field: "--target-field"}
     with open(path, newline="", encoding="utf-8") as f:
         if kind == "jsonl":
             rows = []
@@ -97,12 +98,22 @@ def read_records(path, input_field: str, target_field: str) -> list[Record]:
         else:
             reader = csv.DictReader(f, delimiter="," if kind == "csv" else "\t")
             header = reader.fieldnames or []
-            for field in (input_field, target_field):
+            for field in flags:
                 if header and field not in header:
                     raise ValueError(f"{path}:1: no column {field!r} in the header {header}; "
-                                     f"set {flag[field]}")
+                                     f"set {flags[field]}")
             rows = [(reader.line_num, row) for row in reader]
-    for n, row in rows:
+    if not rows:
+        raise ValueError(f"{path}: no examples (the file is empty)")
+    return rows
+
+
+def read_records(path, input_field: str, target_field: str) -> list[Record]:
+    """The (input, target) text pairs of one file; ValueError naming file:line and field."""
+    path = os.fspath(path)
+    flag = {input_field: "--input-field", target_field: "--target-field"}
+    out = []
+    for n, row in read_rows(path, flag):
         values = []
         for field in (input_field, target_field):
             value = row.get(field)
@@ -114,8 +125,6 @@ def read_records(path, input_field: str, target_field: str) -> list[Record]:
                                  "not a string")
             values.append(value)
         out.append(Record(values[0], values[1], f"{path}:{n}"))
-    if not out:
-        raise ValueError(f"{path}: no examples (the file is empty)")
     return out
 
 
@@ -164,6 +173,32 @@ def layout_rows(in_len, tgt_len, order, L_in: int, L_tgt: int, pack: bool) -> li
     return rows
 
 
+class RowOrder:
+    """Which rows global batch ``s`` holds: rows ``s*B .. s*B+B-1`` of the endless stream of
+    epochs, epoch ``e`` visiting every row once in ``permutation(SeedSequence([seed, e]))``."""
+
+    def __init__(self, num_rows: int, seed: int, batch_size: int, process_index: int = 0,
+                 process_count: int = 1):
+        self.num_rows, self.seed = num_rows, seed
+        self.local = batch_size // process_count
+        self.offset = process_index * self.local
+        self.batch_size = batch_size
+        self._cached = (None, None)
+
+    def _epoch(self, epoch: int) -> np.ndarray:
+        if self._cached[0] != epoch:
+            rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([self.seed, epoch])))
+            self._cached = (epoch, rng.permutation(self.num_rows))
+        return self._cached[1]
+
+    def local_rows(self, step: int) -> list[int]:
+        """This host's row indices of global batch ``step`` (a pure function of step)."""
+        if step < 0:
+            raise ValueError(f"{step=} must be >= 0")
+        first, R = step * self.batch_size + self.offset, self.num_rows
+        return [int(self._epoch(g // R)[g % R]) for g in range(first, first + self.local)]
+
+
 class PairData:
     """Train and eval rows for one PairsConfig; see the module docstring."""
 
@@ -194,6 +229,8 @@ class PairData:
             len(train))
         self.rows = layout_rows(*self._lengths(self.train), order, c.inputs_length,
                                 c.targets_length, c.pack)
+        self._order = RowOrder(len(self.rows), c.seed, c.batch_size, process_index,
+                               process_count)
 
     @staticmethod
     def _lengths(enc: Encoded):
@@ -234,22 +271,9 @@ class PairData:
         ex = Examples(inputs, lens[0], targets, lens[1], np.zeros(len(lens[0]), np.int32))
         return assemble(ex, row_of, off_in, off_tgt, seg, num_rows)
 
-    def _epoch_order(self, epoch: int) -> np.ndarray:
-        if getattr(self, "_cached", (None,))[0] != epoch:
-            rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence(
-                [self.config.seed, epoch])))
-            self._cached = (epoch, rng.permutation(len(self.rows)))
-        return self._cached[1]
-
     def batch(self, step: int) -> dict:
         """This host's rows of global batch ``step``: a pure function of (config, step, host)."""
-        if step < 0:
-            raise ValueError(f"{step=} must be >= 0")
-        first = step * self.config.batch_size + self.process_index * self.local_batch_size
-        R = len(self.rows)
-        picked = []
-        for g in range(first, first + self.local_batch_size):
-            picked.append(self.rows[self._epoch_order(g // R)[g % R]])
+        picked = [self.rows[i] for i in self._order.local_rows(step)]
         return self._assemble(self.train, picked, self.local_batch_size)
 
     def iterate(self, start_step: int = 0):

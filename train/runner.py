@@ -28,7 +28,7 @@ import jax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from jt5 import formats, sharding
+from jt5 import formats, heads, sharding
 from jt5.config import PRESETS, T5Config, preset
 from jt5.model import T5ForConditionalGeneration, abstract_model
 from jt5.train import step as step_lib
@@ -263,18 +263,29 @@ class StepProgram(NamedTuple):
     eval_step: Callable
 
 
-def abstract_batch(cfg: RunConfig, batch_sh: dict) -> dict:
-    """ShapeDtypeStructs of one global batch (``train/data.py``'s features and dtypes)."""
+# T5ForConditionalGeneration on train/data.py's features: what pretraining and seq2seq
+# fine-tuning train (the task heads' tasks: jt5.train.head_tasks).
+SEQ2SEQ = step_lib.Task(
+    T5ForConditionalGeneration, step_lib.forward_terms,
+    {k: ("inputs" if k.startswith("encoder") else "targets",
+         "float32" if k == "decoder_loss_weights" else "int32") for k in FEATURES})
+
+
+def abstract_batch(cfg: RunConfig, batch_sh: dict, task: step_lib.Task = SEQ2SEQ) -> dict:
+    """ShapeDtypeStructs of one global batch (the task's features and dtypes)."""
     out = {}
     for k, sh in batch_sh.items():
-        length = cfg.inputs_length if k.startswith("encoder") else cfg.targets_length
-        dtype = "float32" if k == "decoder_loss_weights" else "int32"
-        out[k] = jax.ShapeDtypeStruct((cfg.batch_size, length), dtype, sharding=sh)
+        length, dtype = task.features[k]
+        shape = (cfg.batch_size,) + (() if length is None else
+                                     (cfg.inputs_length if length == "inputs"
+                                      else cfg.targets_length,))
+        out[k] = jax.ShapeDtypeStruct(shape, dtype, sharding=sh)
     return out
 
 
-def step_program(cfg: RunConfig, mcfg: T5Config, mesh) -> StepProgram:
-    graphdef, abstract = nnx.split(abstract_model(mcfg))
+def step_program(cfg: RunConfig, mcfg: T5Config, mesh,
+                 task: step_lib.Task = SEQ2SEQ) -> StepProgram:
+    graphdef, abstract = nnx.split(abstract_model(mcfg, task.model_cls))
     param_sh = nnx.to_pure_dict(sharding.param_shardings(abstract, mesh))
     tx = step_lib.make_optimizer(cfg.optim)
     shapes = jax.eval_shape(lambda p: step_lib.init_state(p, tx, cfg.seed),
@@ -283,13 +294,17 @@ def step_program(cfg: RunConfig, mcfg: T5Config, mesh) -> StepProgram:
     abstract_state = jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), shapes, state_sh)
     replicated = NamedSharding(mesh, P())
-    batch_sh = {k: sharding.batch_sharding(mesh, 2) for k in FEATURES}
+    batch_sh = {k: sharding.batch_sharding(mesh, 1 if length is None else 2)
+                for k, (length, _) in task.features.items()}
+    dropout = mcfg.dropout_rate > 0 or mcfg.classifier_dropout > 0
     with jax.set_mesh(mesh):  # the model's activation constraints name this mesh's axes
         train_step = jax.jit(
-            step_lib.make_train_step(graphdef, cfg.optim, tx, dropout=mcfg.dropout_rate > 0),
+            step_lib.make_train_step(graphdef, cfg.optim, tx, dropout=dropout,
+                                     forward=task.forward),
             in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, replicated),
             donate_argnums=0)
-        eval_step = jax.jit(step_lib.make_eval_step(graphdef, cfg.optim),
+        eval_step = jax.jit(step_lib.make_eval_step(graphdef, cfg.optim, forward=task.forward,
+                                                    predict=task.predict),
                             in_shardings=(state_sh.params, batch_sh), out_shardings=replicated)
     return StepProgram(graphdef, abstract, tx, param_sh, state_sh, abstract_state, batch_sh,
                        train_step, eval_step)
@@ -301,11 +316,12 @@ class Trainer:
 
     ``data_config``: the dataclass that determines the batches (saved with each checkpoint; a
     resume with another one is announced). ``data_text``: how the start line describes the data.
+    ``task``: the model class and loss (default: seq2seq T5; the task heads' in head_tasks).
     """
 
     def __init__(self, cfg: RunConfig, mcfg: T5Config, mesh, data_config, *, kind: str,
-                 data_text: str):
-        self.cfg, self.mcfg, self.mesh, self.kind = cfg, mcfg, mesh, kind
+                 data_text: str, task: step_lib.Task = SEQ2SEQ):
+        self.cfg, self.mcfg, self.mesh, self.kind, self.task = cfg, mcfg, mesh, kind, task
         self.out = out = Path(cfg.out).absolute()
         if jax.process_index() == 0:
             out.mkdir(parents=True, exist_ok=True)
@@ -314,10 +330,11 @@ class Trainer:
         self.start = start = self.ckpts.latest_step() or 0
         meta = self.ckpts.read_meta(start) if start else None
         self.meta = run_meta(mcfg, data_config, cfg, mesh)
+        self.meta["model_class"] = task.model_cls.__name__  # what jt5.load(run dir) builds
         if meta:
             check_resume(meta, self.meta, out)
 
-        prog = step_program(cfg, mcfg, mesh)
+        prog = step_program(cfg, mcfg, mesh, task)
         self.graphdef, self.batch_sh = prog.graphdef, prog.batch_sh
         if jax.process_index() == 0:
             print(self._start_line(prog.abstract_model, data_text), flush=True)
@@ -345,16 +362,18 @@ class Trainer:
         """A new TrainState: random init (created directly sharded) or the weights ``--model``
         names (a transformers directory, a jt5 checkpoint or another run), read onto the mesh."""
         cfg, mcfg, mesh = self.cfg, self.mcfg, self.mesh
+        cls = self.task.model_cls
         if is_model_path(cfg.model):
-            model = formats.load(cfg.model, T5ForConditionalGeneration, dtype=mcfg.dtype,
+            # The head's label set and options are this run's (a base checkpoint has none).
+            head = {k: getattr(mcfg, k) for k in heads.CONFIG_FIELDS}
+            model = formats.load(cfg.model, cls, dtype=mcfg.dtype,
                                  param_dtype="float32", attention=mcfg.attention,
                                  remat=mcfg.remat, dropout_rate=mcfg.dropout_rate,
-                                 shardings=lambda a: sharding.param_shardings(a, mesh))
+                                 shardings=lambda a: sharding.param_shardings(a, mesh), **head)
             params = nnx.to_pure_dict(nnx.state(model))
         else:
             def init():
-                return nnx.to_pure_dict(nnx.state(T5ForConditionalGeneration(
-                    mcfg, rngs=nnx.Rngs(params=cfg.seed))))
+                return nnx.to_pure_dict(nnx.state(cls(mcfg, rngs=nnx.Rngs(params=cfg.seed))))
             params = jax.jit(init, out_shardings=param_sh)()
         return jax.jit(lambda p: step_lib.init_state(p, tx, cfg.seed),
                        out_shardings=state_sh)(params)
@@ -478,7 +497,9 @@ def export_hf(model, tokenizer, out: Path) -> Optional[Path]:
     params = weights.model_params(model)  # a collective on multi-host: every process calls it
     if jax.process_index() != 0:
         return None
-    sd, hf_cfg = hf.jt5_to_hf(model.config, params)
+    cls = type(model)  # a task head writes its own architecture and tensors
+    sd, hf_cfg = hf.jt5_to_hf(model.config, params, encoder_only=weights.is_encoder_only(cls),
+                              head=weights.head_of(cls))
     hf_dir = Path(out) / "hf"
     # The tokenizer goes with the weights, with the special-token ids the run trained with.
     hf.write_hf_dir(hf_dir, sd, hf_cfg, extra_files=tokenizer_files(tokenizer))

@@ -71,6 +71,17 @@ class TrainState(NamedTuple):
     rng: jax.Array        # uint32 [2]: dropout key; step s uses fold_in(rng, s), so resumes replay it
 
 
+class Task(NamedTuple):
+    """What a run trains, besides the optimizer: the model class, the loss terms of a batch, and
+    the batch's features. The default (``runner.SEQ2SEQ``) is T5ForConditionalGeneration on
+    t5x-style features; ``jt5.train.head_tasks`` has the task heads'."""
+    model_cls: type
+    forward: Callable        # (graphdef, params, batch, *, z_loss, rng) -> LossTerms
+    features: dict           # name -> (length: "inputs" | "targets" | None for [B], dtype)
+    # (model, batch) -> dict of arrays the eval step returns beside its metrics (predictions)
+    predict: Optional[Callable] = None
+
+
 class LossTerms(NamedTuple):
     """Sums over the target tokens of one (micro-)batch; metrics divide by ``weight``."""
     cross_entropy: jax.Array
@@ -180,10 +191,11 @@ def _split_micro(batch: dict, k: int) -> dict:
     return {name: one(x) for name, x in batch.items()}
 
 
-def grads_and_terms(graphdef, params, batch, *, z_loss: float, accum_steps: int = 1, rng=None):
+def grads_and_terms(graphdef, params, batch, *, z_loss: float, accum_steps: int = 1, rng=None,
+                    forward: Callable = forward_terms):
     """Gradient of the step's mean loss (all micro-batches) and the summed loss terms."""
     def summed(p, b, key):
-        t = forward_terms(graphdef, p, b, z_loss=z_loss, rng=key)
+        t = forward(graphdef, p, b, z_loss=z_loss, rng=key)
         return t.cross_entropy + t.z_loss, t
 
     grad_fn = jax.grad(summed, has_aux=True)
@@ -218,7 +230,7 @@ def _metrics(terms: LossTerms) -> dict:
 
 # -- steps ------------------------------------------------------------------------------------
 def make_train_step(graphdef, cfg: OptimConfig, tx: Optional[optax.GradientTransformation] = None,
-                    *, dropout: bool = False) -> Callable:
+                    *, dropout: bool = False, forward: Callable = forward_terms) -> Callable:
     """``train_step(state, batch) -> (state, metrics)``; jit it with ``donate_argnums=0``.
 
     Metrics (float32 scalars): loss (cross-entropy + z-loss per target token), cross_entropy,
@@ -231,7 +243,7 @@ def make_train_step(graphdef, cfg: OptimConfig, tx: Optional[optax.GradientTrans
     def train_step(state: TrainState, batch: dict):
         key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step) if dropout else None
         grads, terms = grads_and_terms(graphdef, state.params, batch, z_loss=cfg.z_loss,
-                                       accum_steps=cfg.accum_steps, rng=key)
+                                       accum_steps=cfg.accum_steps, rng=key, forward=forward)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = _metrics(terms)
@@ -243,8 +255,13 @@ def make_train_step(graphdef, cfg: OptimConfig, tx: Optional[optax.GradientTrans
     return train_step
 
 
-def make_eval_step(graphdef, cfg: OptimConfig) -> Callable:
-    """``eval_step(params, batch) -> metrics`` (deterministic: no dropout)."""
+def make_eval_step(graphdef, cfg: OptimConfig, *, forward: Callable = forward_terms,
+                   predict: Optional[Callable] = None) -> Callable:
+    """``eval_step(params, batch) -> metrics`` (deterministic: no dropout); with ``predict``,
+    its outputs on the batch join the metrics."""
     def eval_step(params, batch: dict):
-        return _metrics(forward_terms(graphdef, params, batch, z_loss=cfg.z_loss))
+        out = _metrics(forward(graphdef, params, batch, z_loss=cfg.z_loss))
+        if predict is not None:
+            out.update(predict(nnx.merge(graphdef, params), batch))
+        return out
     return eval_step

@@ -101,10 +101,13 @@ def run_training(run, cfg) -> int:
     except loop.Interrupted as e:
         print(e, file=sys.stderr)
         return e.exit_code
+    evaluated = getattr(result, "eval", None) or {}  # fine-tuning: the eval split's metrics
+    shown = ", ".join(f"{k} {v:.3f}" for k, v in evaluated.items() if k != "examples")
+    shown = f"; eval {shown}" if shown else ""
     if result.history:
         first, last = result.history[0], result.history[-1]
         print(f"steps {result.start_step}->{result.step}: loss {first['loss']:.3f} -> "
-              f"{last['loss']:.3f} in {last['elapsed']:.0f}s; run directory {result.out}")
+              f"{last['loss']:.3f} in {last['elapsed']:.0f}s{shown}; run directory {result.out}")
     else:
         print(f"nothing to train: {result.out} is already at step {result.step}")
     return 0

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 
+from jt5.bridge.keymap import HEADS
 from jt5.cli.common import (MODEL_DIR, NON_NEGATIVE, POSITIVE, add_run_flags, add_sequence_flags,
                             float_in, preset_names, run_training)
 
@@ -16,6 +17,13 @@ ids that keep them apart. Every --eval-every steps the loss over the eval split 
 the lowest eval loss in OUT/best. At the end: OUT/hf (a transformers directory with tokenizer
 files), and greedy outputs on the eval split in OUT/eval.jsonl with exact match and chrF.
 Re-running the same command resumes; Ctrl-C or SIGTERM saves the step in flight (exit 130/143).
+
+With --head, a task head trains on labelled examples instead (no packing; --targets-length
+unused): sequence-classification / encoder-classification read a text and a label (.jsonl,
+.csv, .tsv), token-classification a list of words and a list of labels, question-answering a
+question, a context and SQuAD answers (.jsonl). Eval metrics: accuracy and macro_f1; accuracy
+and f1 (entity F1 for IOB2 tags); exact_match and f1. OUT/hf loads in transformers' head class;
+OUT/eval.jsonl holds each eval example's prediction.
 """
 
 
@@ -38,6 +46,20 @@ def add(p: argparse.ArgumentParser):
     add_sequence_flags(g, unit="pairs")
     g.add_argument("--dropout", type=float_in(0.0, 1.0), default=None,
                    help="dropout rate (default: the model's)")
+    g = p.add_argument_group("task heads (instead of text-to-text)")
+    g.add_argument("--head", choices=HEADS, default=None,
+                   help="train this task head (jt5.heads) on labelled data; the labels' names "
+                        "become the model's id2label; metrics and eval.jsonl per head")
+    g.add_argument("--label-field", default="label",
+                   help="with --head: the label (a name or an integer id); token-classification: "
+                        "a list of labels, one per word of --input-field (a list of words); "
+                        "question-answering: SQuAD answers {text, answer_start} (default label)")
+    g.add_argument("--context-field", default="context",
+                   help="--head question-answering: the passage; --input-field is the question "
+                        "(default context)")
+    g.add_argument("--pooling", choices=("mean", "first"), default=None,
+                   help="--head encoder-classification: pool the encoder states by the mean over "
+                        "tokens or the first token (default: the model's, else mean)")
     g = p.add_argument_group("optimisation")
     g.add_argument("--steps", type=POSITIVE, default=300, help="train steps (default 300)")
     g.add_argument("--batch-size", type=POSITIVE, default=16, help="global rows (default 16)")
@@ -80,7 +102,8 @@ def config(args):
         data=args.data, eval_data=args.eval_data, eval_fraction=args.eval_fraction,
         input_field=args.input_field, target_field=args.target_field, prefix=args.prefix,
         keep_best=args.keep_best, max_new_tokens=args.max_new_tokens,
-        eval_generate=args.eval_generate)
+        eval_generate=args.eval_generate, head=args.head, label_field=args.label_field,
+        context_field=args.context_field, classifier_pooling=args.pooling)
     return cfg
 
 
