@@ -368,7 +368,8 @@ class Trainer:
             head = {k: getattr(mcfg, k) for k in heads.CONFIG_FIELDS}
             model = formats.load(cfg.model, cls, dtype=mcfg.dtype,
                                  param_dtype="float32", attention=mcfg.attention,
-                                 remat=mcfg.remat, dropout_rate=mcfg.dropout_rate,
+                                 remat=mcfg.remat, scan_layers=mcfg.scan_layers,
+                                 dropout_rate=mcfg.dropout_rate,
                                  shardings=lambda a: sharding.param_shardings(a, mesh), **head)
             params = nnx.to_pure_dict(nnx.state(model))
         else:
