@@ -1,5 +1,5 @@
-"""What the subcommands share: the one-line-error parser, argument types, the flags that
-`jt5 pretrain` and `jt5 finetune` spell alike, and running a training loop to its summary line."""
+"""What the subcommands share: the one-line-error parser, argument types, and running a training
+loop to its summary line (`jt5 pretrain` / `jt5 finetune` flags: `jt5/cli/fields.py`)."""
 from __future__ import annotations
 
 import argparse
@@ -56,40 +56,6 @@ def float_in(low: float, high: float = float("inf"), *, open_low: bool = False):
 
 
 POSITIVE, NON_NEGATIVE = int_at_least(1), int_at_least(0)
-
-
-def add_sequence_flags(g, *, unit: str):
-    """Tokenizer, lengths, packing and numerics: the same flags for pretrain and finetune."""
-    g.add_argument("--tokenizer", default=None,
-                   help="'byte' (ByT5 bytes) or a transformers tokenizer directory (default: the "
-                        "--model directory's tokenizer if it has one, else byte)")
-    g.add_argument("--inputs-length", type=POSITIVE, default=128,
-                   help="encoder length; longer inputs are truncated (default 128)")
-    g.add_argument("--targets-length", type=POSITIVE, default=32,
-                   help="decoder length; longer targets are truncated (default 32)")
-    g.add_argument("--pack", action=argparse.BooleanOptionalAction, default=True,
-                   help=f"pack several {unit} per row, segment-separated (default: --pack)")
-    g.add_argument("--dtype", choices=DTYPES, default=None,
-                   help="compute dtype; parameters stay float32 (default: bfloat16 on GPU/TPU, "
-                        "float32 on CPU)")
-    g.add_argument("--attention", choices=attention_impls(), default="auto",
-                   help="attention implementation (default auto: pallas on GPU, xla elsewhere)")
-
-
-def add_run_flags(g, *, out: str, save_every: int):
-    """Checkpoint, device and logging flags, spelled as `jt5 pretrain` spells them."""
-    g.add_argument("--out", default=out, help=f"run directory (default {out})")
-    g.add_argument("--mesh", default=None,
-                   help="device mesh, e.g. data=2,fsdp=2,tensor=2 (default: all devices on data)")
-    g.add_argument("--save-every", type=NON_NEGATIVE, default=save_every,
-                   help=f"checkpoint every N steps (0: only at the end), at the end, and on "
-                        f"SIGINT/SIGTERM (default {save_every})")
-    g.add_argument("--keep", type=POSITIVE, default=3, help="checkpoints to keep (default 3)")
-    g.add_argument("--tensorboard", action="store_true",
-                   help="also write TensorBoard events to OUT/tensorboard (needs tensorboardX)")
-    g.add_argument("--no-export", action="store_true", help="skip the export (and evaluation) "
-                   "at the end")
-    g.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def run_training(run, cfg) -> int:
