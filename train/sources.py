@@ -14,7 +14,8 @@ What ``--data`` accepts (``corpus.resolve_files`` expands directories):
   CulturaX shards;
 - a directory written by ``datasets``' ``save_to_disk`` (``state.json`` + Arrow files; a
   ``DatasetDict`` directory reads its ``train`` split, or name the split's subdirectory);
-- ``hf:NAME`` / ``hf:ORG/NAME/CONFIG@SPLIT``: a dataset ``datasets.load_dataset`` has already
+- ``hf:NAME`` / ``hf:ORG/NAME/CONFIG@SPLIT`` (``hf:NAME/CONFIG`` for a dataset without an
+  organisation): a dataset ``datasets.load_dataset`` has already
   prepared in its cache (``HF_DATASETS_CACHE``), read from the cache's Arrow files: offline,
   without ``datasets`` installed;
 - ``*.jsonl``, ``*.jsonl.gz``, ``*.jsonl.zst`` (also ``.json.gz`` / ``.json.zst``: C4's own
@@ -274,6 +275,9 @@ def cached_dataset_files(spec: str, cache: Optional[str] = None) -> list[str]:
     config = parts.pop() if len(parts) == 3 else None  # org/name/config
     cache = cache or datasets_cache()
     root = os.path.join(cache, "___".join(parts))
+    if len(parts) == 2 and config is None and not os.path.isdir(root):  # name/config, no org
+        config = parts.pop()
+        root = os.path.join(cache, parts[0])
     if not parts or not os.path.isdir(root):
         raise ValueError(f"--data {spec}: no dataset {'/'.join(parts)!r} in the datasets cache "
                          f"{cache}; download it first with datasets.load_dataset("

@@ -59,6 +59,9 @@ def test_saved_and_cached_datasets(tmp_path, monkeypatch):
          cache_dir=str(tmp_path / "hf")).download_and_prepare()
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf"))
     assert _texts(["hf:my_corpus"]) == TEXTS
+    assert _texts(["hf:my_corpus/default@train"]) == TEXTS  # NAME/CONFIG: config dir default-<hash>
+    with pytest.raises(ValueError, match=r"holds no prepared config 'en', split 'train'"):
+        _texts(["hf:my_corpus/en"])
     with pytest.raises(ValueError, match=r"hf:nothing: no dataset 'nothing' in the datasets cache"):
         _texts(["hf:nothing"])
     with pytest.raises(ValueError, match=r"no prepared split 'validation'"):
