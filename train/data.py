@@ -561,14 +561,15 @@ FILL_TABLE = (("ul2", 512, 114), ("ul2", 512, 512), ("t5", 512, 114))
 
 def _main(argv=None):
     """The fill table (``python -m jt5.train.data``): fill, examples per row, realised mixture and
-    throughput for UL2 at 512/114 and 512/512 and T5 at 512/114, for each ``--min-chunk``.
+    throughput for UL2 at 512/114 and 512/512 and T5 at 512/114, for each ``--min-chunk``
+    (default: 1, whole examples, and 0.1).
     ``--preview`` also prints the pipeline's description and held-out sample prompts."""
     p = argparse.ArgumentParser(description=_main.__doc__)
     p.add_argument("--data", nargs="+", default=["builtin"])
     p.add_argument("--tokenizer", default="byte")
     p.add_argument("--shapes", nargs="+", default=[f"{m}:{i}/{t}" for m, i, t in FILL_TABLE],
                    help="MIXTURE:INPUTS/TARGETS rows of the table")
-    p.add_argument("--min-chunk", type=float, nargs="+", default=[MIN_CHUNK])
+    p.add_argument("--min-chunk", type=float, nargs="+", default=[MIN_CHUNK, 0.1])
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-pack", action="store_true")
