@@ -1,0 +1,278 @@
+"""What the Mosaic GPU (Hopper) attention kernels share: geometry, options, the producer/consumer
+ring of TMA copies, and the few primitives the jax 0.10.2 interpreter cannot run.
+
+Every kernel is FlashAttention-3 shaped (jax's ``pallas/ops/gpu/attention_mgpu.py``): a CTA has
+two *compute* warpgroups, each owning ``BLOCK`` = 64 rows (a ``wgmma`` M tile), and one *memory*
+warpgroup that streams the blocks the two consume through a ring of ``stages`` shared-memory
+slots (TMA copies into a slot complete a "ready" barrier; the compute warpgroups arrive on a
+"consumed" barrier when the slot may be refilled). Which blocks are streamed is a row of a
+block-sparse table computed outside the kernel (``mosaic_tables``): fully masked blocks are
+never visited.
+
+Interpreting (CPU): Mosaic GPU's interpreter simulates shared memory, barriers, TMA and the
+warpgroups, with a race detector. Its 0.10.2 version cannot run ``layout_cast`` (so neither
+``broadcasted_iota(layout=)`` nor ``plgpu.load``), ``wgmma`` on a transposed ref, ``wgmma`` with
+a register operand, nor ``run_state``. The helpers below replace exactly those by plain jnp while
+interpreting; every barrier, copy and shared-memory access stays the same code on both paths.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from typing import Callable, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from jt5.pallas_kernels.spec import Mask, RelativeBias
+
+BLOCK = 64            # rows per compute warpgroup, keys per streamed block
+COMPUTE_WGS = 2       # compute warpgroups per CTA (a CTA covers TILE = 128 rows)
+TILE = COMPUTE_WGS * BLOCK
+LOG2E = math.log2(math.e)
+SEMANTICS = ("lane", "warpgroup")
+# Register split of FA3: the memory warpgroup needs few, the compute ones take the rest.
+_MEMORY_REGS, _COMPUTE_REGS = 40, 232
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+    """How the kernels are built and run (hashable: a static argument).
+
+    ``interpret``: run in Mosaic GPU's interpreter (CPU); ``detect_races``: its race detector.
+    ``semantics``: ``plgpu.CompilerParams(lowering_semantics=...)``, pinned (jax 0.10 defaults
+    to Lane, 0.11 to Warpgroup); ``stages``: slots of the TMA ring.
+    """
+    interpret: bool = False
+    detect_races: bool = True
+    semantics: str = "lane"
+    stages: int = 2
+
+    def __post_init__(self):
+        if self.semantics not in SEMANTICS:
+            raise ValueError(f"semantics={self.semantics!r} must be one of {SEMANTICS}")
+        if self.stages < 2:
+            raise ValueError(f"stages={self.stages} must be >= 2")
+
+    def compiler_params(self):
+        sem = {"lane": plgpu.LoweringSemantics.Lane,
+               "warpgroup": plgpu.LoweringSemantics.Warpgroup}[self.semantics]
+        return plgpu.CompilerParams(approx_math=True, lowering_semantics=sem)
+
+    def interpret_params(self):
+        if not self.interpret:
+            return None
+        # Public as plgpu.InterpretGPUParams from jax 0.11; this path exists in 0.10 and 0.11.
+        from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
+        return InterpretGPUParams(detect_races=self.detect_races)
+
+
+@dataclasses.dataclass(frozen=True)
+class Static:
+    """Everything static about one call (hashable: a ``custom_vjp`` nondiff argument)."""
+    sm_scale: float
+    mask: Mask              # patterns only (spec.Mask.patterns); kv_len masks keys padded here
+    near: Optional[int]     # bias tiles cover block offsets |e| <= near (None: no bias)
+    band: Optional[tuple]   # (lo, hi): the reachable offsets in [-near, near] (None: none)
+    q_seg: bool             # q segment ids given
+    kv_seg: bool            # kv segment ids given
+    batched_tables: bool    # block tables have a batch dimension (segment ids)
+    bidirectional: bool     # the bias' bucket rule
+    max_distance: int
+    opts: Options
+
+    def bias(self, table) -> RelativeBias:
+        return RelativeBias(table, bidirectional=self.bidirectional,
+                            max_distance=self.max_distance)
+
+
+# Mosaic GPU's interpreter runs the warpgroups of a CTA as concurrent XLA CPU computations that
+# block in simulated barrier waits; with fewer threads in XLA's CPU pool than the three
+# warpgroups plus their caller, one never starts and the others wait forever.
+INTERPRETER_THREADS = 4
+
+
+def check_interpreter_threads() -> None:
+    """Refuse to interpret on a CPU thread pool too small for the warpgroups (a deadlock).
+    XLA sizes the pool by the NPROC environment variable, else the number of cores."""
+    n = int(os.environ.get("NPROC") or os.cpu_count() or 1)
+    if n < INTERPRETER_THREADS:
+        raise ValueError(
+            f"Mosaic GPU's interpreter needs >= {INTERPRETER_THREADS} XLA CPU threads, this "
+            f"process has {n}: set NPROC=8 in the environment before jax starts (XLA's CPU "
+            "thread-pool size; the warpgroups of a simulated CTA block on each other)")
+
+
+def races_found() -> bool:
+    """Whether the interpreter's race detector reported a race in the last interpreted kernel."""
+    from jax._src.pallas.mosaic_gpu.interpret import gpu_callbacks
+    races = getattr(gpu_callbacks, "_races", None)
+    return bool(races is not None and races.races_found)
+
+
+def reset_interpreter() -> None:
+    """Forget the interpreter's global state (needed after a kernel raised while interpreted)."""
+    from jax._src.pallas.mosaic_gpu.interpret import gpu_callbacks
+    gpu_callbacks.reset_gpu_interpret_mode_state()
+
+
+def launch(body, inputs: dict, out_type, scratch: dict, *, grid, grid_names, opts: Options,
+           name: str):
+    """``plgpu.kernel`` over ``grid`` with 2 compute + 1 memory warpgroups, called on the
+    ``inputs`` that are not None. ``body(refs)`` gets one dict of every ref by name: the inputs,
+    the outputs ``out_0, out_1, ...`` and the ``scratch`` buffers and barriers."""
+    names = [k for k, x in inputs.items() if x is not None]
+    keys = [*names, *(f"out_{i}" for i in range(len(out_type))), *scratch]
+
+    def entry(*refs):
+        body(dict(zip(keys, refs)))
+    entry.__name__ = name
+    call = plgpu.kernel(entry, out_type=list(out_type), scratch_types=list(scratch.values()),
+                        grid=grid, grid_names=grid_names, num_threads=COMPUTE_WGS + 1,
+                        thread_name="wg", compiler_params=opts.compiler_params(),
+                        interpret=opts.interpret_params())
+    return call(*(inputs[k] for k in names))
+
+
+# ---------------------------------------------------------------------------- shared memory types
+
+def smem_tiles(n: int, rows: int, cols: int, dtype):
+    """``[n, rows, cols]`` of a 16-bit dtype, tiled and 128B-swizzled as ``wgmma`` reads it."""
+    return plgpu.SMEM((n, rows, cols), dtype,
+                      transforms=(plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128)))
+
+
+def smem_f32_tiles(n: int, rows: int = BLOCK, cols: int = BLOCK):
+    """``[n, rows, cols]`` float32 (bias tiles): the one tiling/swizzle a WGMMA-layout load of
+    float32 lowers from."""
+    return plgpu.SMEM((n, rows, cols), jnp.float32,
+                      transforms=(plgpu.TilingTransform((8, 32)), plgpu.SwizzleTransform(128)))
+
+
+def barriers(n: int, arrivals: int = 1):
+    return plgpu.Barrier(num_arrivals=arrivals, num_barriers=n)
+
+
+# ---------------------------------------------------------------------------- interpreter shims
+
+def layout_cast(x, layout, opts: Options):
+    return x if opts.interpret else plgpu.layout_cast(x, layout)
+
+
+def zeros(shape, opts: Options, layout=None):
+    layout = plgpu.Layout.WGMMA if layout is None else layout
+    return layout_cast(jnp.zeros(shape, jnp.float32), layout, opts)
+
+
+def full_rows(value, opts: Options):
+    """A ``[BLOCK]`` float32 row vector (one value per row of a WGMMA tile)."""
+    return layout_cast(jnp.full((BLOCK,), value, jnp.float32), plgpu.Layout.WGMMA.reduce(1), opts)
+
+
+def iota(shape, dim: int, opts: Options):
+    """``broadcasted_iota`` in the WGMMA layout (where the scores live)."""
+    if opts.interpret:
+        return lax.broadcasted_iota(jnp.int32, shape, dim)
+    return plgpu.broadcasted_iota(jnp.int32, shape, dim, layout=plgpu.Layout.WGMMA)
+
+
+def load_vector(ref, axis: int, opts: Options):
+    """A ``[BLOCK]`` vector from shared memory laid out to broadcast along ``axis`` of a WGMMA
+    tile (``axis=1``: one value per row; ``axis=0``: one per column)."""
+    if opts.interpret:
+        return ref[...]
+    return plgpu.load(ref, (), layout=plgpu.Layout.WGMMA.reduce(axis))
+
+
+def mma_nt(a_smem, b_smem, opts: Options, between: Callable[[], None] = lambda: None):
+    """``a @ b.T`` (float32) of two shared-memory tiles ``[m, k]``, ``[n, k]``; ``between``
+    runs while the ``wgmma`` is in flight."""
+    m, n = a_smem.shape[0], b_smem.shape[0]
+    if opts.interpret:
+        between()
+        return jnp.dot(a_smem[...], b_smem[...].T, preferred_element_type=jnp.float32)
+
+    def body(acc_ref):
+        plgpu.wgmma(acc_ref, a_smem, b_smem.T)
+        between()
+        return acc_ref[...]
+    return pl.run_scoped(body, plgpu.ACC((m, n), jnp.float32))
+
+
+def mma_acc(acc, a, b_smem, opts: Options, after: Callable[[], None] = lambda: None):
+    """``acc + a @ b`` with ``a`` in registers (16-bit) and ``b`` a shared-memory tile
+    ``[k, n]``; ``after`` runs while the ``wgmma`` is in flight."""
+    if opts.interpret:
+        acc = acc + jnp.dot(a, b_smem[...], preferred_element_type=jnp.float32)
+        after()
+        return acc
+
+    def body(acc_ref):
+        plgpu.wgmma(acc_ref, a, b_smem)
+        after()
+    return pl.run_state(body)(plgpu.ACC.init(acc))
+
+
+def broadcast_rows(x, shape):
+    """``[m]`` -> ``[m, n]`` (a value per row)."""
+    return lax.broadcast_in_dim(x, shape, [0])
+
+
+def broadcast_cols(x, shape):
+    """``[n]`` -> ``[m, n]`` (a value per column)."""
+    return lax.broadcast_in_dim(x, shape, [1])
+
+
+# ---------------------------------------------------------------------------- TMA ring
+
+@dataclasses.dataclass(frozen=True)
+class Stream:
+    """One group of blocks streamed together: ``copies(t, slot)`` issues the TMA copies of step
+    ``t`` into ring slot ``slot`` (on that slot's "ready" barriers); ``consumed`` is the group's
+    per-slot barrier both compute warpgroups arrive on."""
+    copies: Callable
+    consumed: object
+
+
+def produce(streams: Sequence[Stream], n, stages: int):
+    """The memory warpgroup: fill the ring for steps ``0 .. n-1`` (``n`` traced), each slot
+    refilled once both compute warpgroups consumed it, then await the last consumptions (every
+    barrier completion is observed before the barriers' scope ends: the interpreter checks it,
+    and on a GPU it keeps the CTA alive until its shared memory is no longer read)."""
+    for t in range(stages):
+        @pl.when(t < n)
+        def _prologue():
+            for s in streams:
+                s.copies(jnp.int32(t), t)
+
+    @pl.loop(jnp.int32(stages), jnp.maximum(n, stages))
+    def _steady(t):
+        slot = lax.rem(t, stages)
+        for s in streams:
+            plgpu.barrier_wait(s.consumed.at[slot])
+            s.copies(t, slot)
+
+    @pl.loop(jnp.maximum(n - stages, 0), n)
+    def _drain(t):
+        for s in streams:
+            plgpu.barrier_wait(s.consumed.at[lax.rem(t, stages)])
+
+
+def memory_warpgroup(fn):
+    """Run ``fn`` on the memory warpgroup (index ``COMPUTE_WGS``) with few registers."""
+    @pl.when(lax.axis_index("wg") == COMPUTE_WGS)
+    def _():
+        plgpu.set_max_registers(_MEMORY_REGS, action="decrease")
+        fn()
+
+
+def compute_warpgroups(fn):
+    """Run ``fn(wg)`` on the two compute warpgroups with the registers the memory one gave up."""
+    @pl.when(lax.axis_index("wg") < COMPUTE_WGS)
+    def _():
+        plgpu.set_max_registers(_COMPUTE_REGS, action="increase")
+        fn(lax.axis_index("wg"))
