@@ -11,7 +11,7 @@ from jt5.train import step as S
 from tests.conftest import assert_close
 from tests.train.test_step import synthetic_batch
 
-CFG = dict(d_model=32, d_kv=8, num_heads=4, d_ff=64, num_layers=3, num_decoder_layers=2,
+CFG = dict(d_model=32, d_kv=8, num_heads=4, d_ff=64, num_layers=2, num_decoder_layers=2,
            attention="xla", dtype="float32", param_dtype="float32")
 
 
