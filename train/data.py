@@ -462,8 +462,13 @@ class Pipeline:
         if self._heldout is None:
             docs = corpus.iter_documents(self.config.data, self.config.max_doc_chars,
                                          self.config.text_field)
-            self._heldout = [(d.key, d.read()) for _, d, held in
-                             corpus.split_heldout(docs, self.config.heldout_documents) if held]
+            self._heldout = []
+            want = self.config.heldout_documents
+            for _, d, held in corpus.split_heldout(docs, want):
+                if len(self._heldout) == want:  # the held-out set is complete: no more reading
+                    break
+                if held:
+                    self._heldout.append((d.key, d.read()))
         return self._heldout
 
     def sample_prompts(self, per_kind: int = 1) -> list[Prompt]:
