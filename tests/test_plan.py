@@ -216,7 +216,7 @@ def test_cli_plan_writes_the_table_and_json(tmp_path, capsys):
         assert key in plan, key
     assert plan["gpu"] == "a100" and plan["devices"] == 1 and plan["fits"] is True
     assert plan["device_memory_bytes"] == gpu_targets.GPUS["a100"].memory_bytes
-    assert f"fits     yes" in text and "finetune tiny" in text
+    assert "fits     yes" in text and "finetune tiny" in text
     # the count is the library's for the same shapes: 3 x (encoder + decoder), no one-hot
     from jt5.config import preset
     from jt5.plan import flops

@@ -265,7 +265,8 @@ def embed(model: str, target: Target, *, batch_size: int, length: int, pooling: 
         with jax.set_mesh(grid):
             return run.lower(params, ids, ids)
 
-    what = (f"embed {_model_name(model)}{_layers_text(layers)}: {B} rows x {T} tokens, "
+    what = (f"embed {_model_name(model)}{_layers_text(layers)}: {B} row{'s' * (B != 1)} x "
+            f"{T} tokens, "
             f"pooling {pooling}, {cfg.dtype}, attention {cfg.attention}, "
             f"encoder {cfg.encoder_attention_type}"
             + (f", {cfg.weights} weights" if cfg.weights != "float" else ""))
