@@ -94,10 +94,12 @@ FLAGS: tuple[Flag, ...] = (
          "to German: ' (default none)", default="", jobs=("finetune",)),
     Flag("tokenizer", "--tokenizer", "'byte' (ByT5 bytes) or a transformers tokenizer directory "
          "(default: the --model directory's tokenizer if it has one, else byte)"),
-    Flag("inputs_length", "--inputs-length", "encoder length; longer inputs are truncated",
-         default=128, type=POSITIVE),
-    Flag("targets_length", "--targets-length", "decoder length; longer targets are truncated",
-         default=32, type=POSITIVE),
+    Flag("inputs_length", "--inputs-length", {
+        "pretrain": "encoder length (UL2 chunks are cut to fit it)",
+        "finetune": "encoder length; longer inputs are truncated"}, default=128, type=POSITIVE),
+    Flag("targets_length", "--targets-length", {
+        "pretrain": "decoder length (UL2 chunks are cut to fit it)",
+        "finetune": "decoder length; longer targets are truncated"}, default=32, type=POSITIVE),
     Flag("pack", "--pack", {"pretrain": "pack several examples per row, segment-separated "
                                         "(default: --pack)",
                             "finetune": "pack several pairs per row, segment-separated "
