@@ -15,6 +15,10 @@ atomically after every few blocks) records how far the corpus was read and the f
 go with it. An interrupted build run again truncates the files to those sizes and continues
 after the recorded document; the finished directory is renamed into place, so a store either
 exists whole or not at all. A lock file keeps two processes from building the same store.
+
+Workers are spawned (not forked: the parent may be running jax's threads), so, as with any
+spawned multiprocessing, a script that builds a Pipeline keeps its top level under
+``if __name__ == "__main__":``; a corpus of one block is tokenised in-process, without workers.
 """
 from __future__ import annotations
 
