@@ -128,7 +128,8 @@ def kernel_names(hlo: str) -> dict:
     names: dict = {}
     for line in hlo.splitlines():
         if any(f'custom_call_target="{c}' in line for c in _KERNEL_CALLS):
-            m = re.search(r'op_name="[^"]*?([\w.]+)/pallas_call', line)
+            # ".../t5_flash_fwd/pallas_call", ".../jvp(t5_flash_fwd)/pallas_call", ...
+            m = re.search(r'op_name="[^"]*?([\w.]+)\)*/pallas_call', line)
             key = m.group(1) if m else "unnamed"
             names[key] = names.get(key, 0) + 1
     return dict(sorted(names.items()))
