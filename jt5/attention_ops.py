@@ -14,6 +14,9 @@ layer, ``kv_layout`` is the decoding cache layout it wants (``jt5.cache.KV``). A
 - :class:`Pallas`: the kernels compute the bias from the ``[K, N]`` table and skip masked blocks
   from segment ids; nothing dense is ever built. One query row runs flash-decoding.
 - :class:`CuDNN`: cuDNN's fused attention with the XLA path's dense bias and mask (GPU only).
+- :class:`Mosaic`: the Pallas Mosaic GPU kernels (Hopper: TMA, ``wgmma``, warp specialisation;
+  bfloat16/float16), same contract as :class:`Pallas`; a decode step runs Pallas' flash-decoding.
+  On a CPU they run in Mosaic GPU's interpreter. Opt-in (``MOSAIC_IN_AUTO``).
 
 ``auto`` is the kernels on a GPU, unless a compiled probe of them fails there
 (``kernel_failure``): then the XLA path, with one warning naming the reason.
@@ -39,7 +42,7 @@ from jt5.config import ATTENTION_IMPLS
 from jt5.pallas_kernels import reference
 from jt5.pallas_kernels.spec import Mask, RelativeBias
 
-__all__ = ["Mask", "RelativeBias", "Impl", "XLA", "Chunked", "Pallas", "CuDNN", "Plan",
+__all__ = ["Mask", "RelativeBias", "Impl", "XLA", "Chunked", "Pallas", "CuDNN", "Mosaic", "Plan",
            "make_plan", "with_bias", "attention", "kv_layout", "pallas_interpret", "resolve_impl",
            "kernel_failure", "per_shard", "segment_ids_from_mask"]
 
@@ -50,6 +53,10 @@ __all__ = ["Mask", "RelativeBias", "Impl", "XLA", "Chunked", "Pallas", "CuDNN", 
 CHUNKED_MIN_ELEMENTS = 1024 * 1024
 CHUNK = 512
 _INTERPRET = contextvars.ContextVar("jt5_pallas_interpret", default=None)
+# Whether attention="auto" picks the Mosaic GPU kernels on Hopper (sm_90). Off until a GPU run of
+# benchmarks/gpu.sh has checked them against the reference there (they are verified on CPU only:
+# interpreter tests and an sm_90a compile gate); attention="mosaic" opts in meanwhile.
+MOSAIC_IN_AUTO = False
 
 
 @contextlib.contextmanager
@@ -74,6 +81,8 @@ def resolve_impl(impl: str) -> str:
     if impl == "auto":
         if jax.default_backend() != "gpu":
             return "xla"
+        if MOSAIC_IN_AUTO and getattr(jax.devices()[0], "compute_capability", "") == "9.0":
+            return "mosaic"
         return "xla" if kernel_failure() else "pallas"
     return impl
 
@@ -216,6 +225,21 @@ class Pallas(Impl):
         return per_shard(flash_attention, q, kv.k, kv.v, m, b, q_offset=off)
 
 
+@dataclasses.dataclass(frozen=True)
+class Mosaic(Pallas):
+    """The Mosaic GPU kernels (``jt5.pallas_kernels.mosaic_attention``) for Hopper; a decode
+    step (one query row) runs Pallas' flash-decoding as :class:`Pallas` does."""
+    name: ClassVar[str] = "mosaic"
+
+    def attend(self, q, kv, plan):
+        m = plan.mask
+        if q.shape[1] == 1 and m.local_window is None and not m.num_global_tokens:
+            return super().attend(q, kv, plan)
+        from jt5.pallas_kernels.mosaic_attention import mosaic_attention  # imports Pallas
+        kv = kv.to("BSNH")
+        return per_shard(mosaic_attention, q, kv.k, kv.v, m, plan.bias, q_offset=plan.q_offset)
+
+
 _QKV = ("batch", None, "act_heads", None)  # [B, T, N, H]
 
 
@@ -298,6 +322,8 @@ def implementation(impl: str, q_len: int = 1, kv_len: int = 1) -> Impl:
         return Pallas()
     if impl == "cudnn":
         return CuDNN()
+    if impl == "mosaic":
+        return Mosaic()
     if q_len > 1 and q_len * kv_len >= CHUNKED_MIN_ELEMENTS:
         return Chunked(CHUNK)  # nothing [T, S]-sized: bias and mask are made per chunk
     return XLA()

@@ -8,7 +8,7 @@ import dataclasses
 from typing import Optional
 
 ACTIVATIONS = ("relu", "gelu", "gelu_new", "gelu_pytorch_tanh", "silu", "swish")
-ATTENTION_IMPLS = ("xla", "pallas", "auto", "cudnn")
+ATTENTION_IMPLS = ("xla", "pallas", "auto", "cudnn", "mosaic")
 DTYPES = ("float32", "bfloat16", "float16")
 MODEL_TYPES = ("t5", "mt5", "umt5", "longt5")
 # "full": T5's dense encoder self-attention. "local" and "transient-global": LongT5's (Guo et al.

@@ -14,6 +14,10 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 # machine without an NVIDIA device it must not try to open one (a cuDNN traceback, then CPU).
 if not os.path.exists("/dev/nvidiactl"):
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# XLA's CPU thread pool (NPROC threads; default: the cores). Mosaic GPU's interpreter runs the 3
+# warpgroups of a CTA as concurrent computations blocking on simulated barriers: on 2 cores they
+# starve the pool and deadlock (tests/pallas_kernels/test_mosaic*.py).
+os.environ.setdefault("NPROC", "8")
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
@@ -33,6 +37,10 @@ TOLERANCE = {
     # low precision whole-model: KL(ref || actual) of next-token distributions, mean over tokens
     ("bfloat16", "kl"): 2e-3,
     ("float16", "kl"): 5e-4,
+    # bfloat16 whole model, one attention implementation vs another (elementwise, relative):
+    # tiny T5, mosaic vs xla measured 6.5e-5 (loss) / 1.6e-2 (grads); bf16 vs f32 xla: 1.5e-2
+    ("bfloat16", "loss"): 1e-3,
+    ("bfloat16", "grad"): 5e-2,
     # int8 weights on int8 activations (jt5.layers.matmul, int8_compute) on tests/hf_models'
     # tiny widths, where rounding weighs most: measured 2.0e-3 (weight-only int8: 1.3e-3)
     ("int8_compute", "kl"): 5e-3,
