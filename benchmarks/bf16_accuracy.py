@@ -96,14 +96,20 @@ def _build(path: Path, args):
     return ref.numpy()
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_model_args(p: argparse.ArgumentParser):
+    """The random encoder's shape (``_build``; default T5-XXL widths, 2 layers) and length;
+    benchmarks/encoder_quant.py builds the same one."""
     p.add_argument("--d-model", type=int, default=4096)
     p.add_argument("--d-ff", type=int, default=10240)
     p.add_argument("--heads", type=int, default=64)
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--vocab", type=int, default=32128)
     p.add_argument("--length", type=int, default=512)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_model_args(p)
     p.add_argument("--impls", nargs="+", default=["transformers", "nai-t5", "jt5"],
                    choices=["transformers", "nai-t5", "jt5"])
     p.add_argument("--dtypes", nargs="+", default=["bfloat16", "float16"],

@@ -114,13 +114,9 @@ def speed(args) -> list:
 
 
 def main(argv=None) -> int:
+    from bf16_accuracy import add_model_args
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--d-model", type=int, default=4096)
-    p.add_argument("--d-ff", type=int, default=10240)
-    p.add_argument("--heads", type=int, default=64)
-    p.add_argument("--layers", type=int, default=2)
-    p.add_argument("--vocab", type=int, default=32128)
-    p.add_argument("--length", type=int, default=512)
+    add_model_args(p)  # the encoder bf16_accuracy.py builds (its shape flags, --length)
     p.add_argument("--repeats", type=int, default=3, help="timed forwards per timed row")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     p.add_argument("--no-per-kind", action="store_true", help="skip the one-kind-at-a-time rows")

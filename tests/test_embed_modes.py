@@ -182,3 +182,22 @@ def test_sharded_encoder_equals_one_device(byt5_dir, spec):
     got = jt5.embed(byt5_dir, TEXTS, mesh=mesh, **kw)
     assert_close(got.embeddings, one.embeddings, dtype="float32", check="hidden",
                  what=f"mesh {spec}")
+
+
+def test_long_prompt_through_the_chunked_path(byt5_dir):
+    """A FLUX-style call past CHUNKED_MIN_ELEMENTS query x key positions runs the chunked
+    attention (flash attention in jnp, linear memory) and still equals transformers."""
+    import torch
+    import transformers
+
+    from jt5.attention_ops import CHUNKED_MIN_ELEMENTS
+    L = 1088
+    assert L * L >= CHUNKED_MIN_ELEMENTS
+    texts = ["a very long prompt, " * 60, "short"]
+    enc = transformers.T5EncoderModel.from_pretrained(byt5_dir, dtype=torch.float32).eval()
+    batch = _tokenize(byt5_dir, texts, L)
+    with torch.no_grad():
+        ref = enc(batch.input_ids)[0].numpy()
+    got = jt5.embed(byt5_dir, texts, pooling="none", max_length=L, padding="max_length",
+                    use_attention_mask=False, batch_size=2, devices=[jax.devices()[0]])
+    assert_close(got.embeddings, ref, dtype="float32", check="hidden", what="chunked FLUX call")

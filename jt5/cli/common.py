@@ -77,3 +77,27 @@ def run_training(run, cfg) -> int:
     else:
         print(f"nothing to train: {result.out} is already at step {result.step}")
     return 0
+
+
+def add_text_input(p: argparse.ArgumentParser, what: str, blank: str):
+    """``--input`` / ``--field``: how ``jt5 generate`` and ``jt5 embed`` read texts
+    (``jt5.inputs.read_texts``); ``blank``: what a blank line of a text file is."""
+    p.add_argument("--input", default=None, metavar="FILE",
+                   help=f"{what}: .jsonl (a JSON string or an object with a 'text' / 'input' / "
+                        "'prompt' / 'source' field, or --field, per line), any other file one "
+                        f"per line ({blank}); '-' reads stdin")
+    p.add_argument("--field", default=None,
+                   help="JSONL field holding the text (default: the first of text / input / "
+                        "prompt / source)")
+
+
+def add_weights(p: argparse.ArgumentParser, which: str):
+    """``--weights`` / ``--int8-compute``: weight-only quantisation as the model loads
+    (``jt5/quant.py``)."""
+    from jt5.config import WEIGHT_FORMATS
+    p.add_argument("--weights", choices=WEIGHT_FORMATS, default=None,
+                   help=f"quantise the matmul weights ({which}) as the model loads: int8 / fp8, "
+                        "one scale per output channel (default: as stored)")
+    p.add_argument("--int8-compute", action="store_true",
+                   help="with int8 weights, quantise each row of the activations too and run "
+                        "int8 x int8 products (CTranslate2's int8: faster on a CPU, less exact)")

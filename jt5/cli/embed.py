@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import logging
 
-from jt5.cli.common import DTYPES, MODEL_DIR, POSITIVE, int_at_least
+from jt5.cli.common import (DTYPES, MODEL_DIR, POSITIVE, add_text_input, add_weights,
+                            int_at_least)
 
 HELP = "encoder embeddings of texts to .npy / .safetensors"
 EPILOG = """pipelines:
@@ -15,18 +16,11 @@ EPILOG = """pipelines:
 
 
 def add(p: argparse.ArgumentParser):
-    from jt5.config import WEIGHT_FORMATS
     from jt5.pooling import POOLINGS
     p.epilog = EPILOG
     p.formatter_class = argparse.RawDescriptionHelpFormatter
     p.add_argument("input_file", nargs="?", metavar="FILE", help="shorthand for --input FILE")
-    p.add_argument("--input", default=None, metavar="FILE",
-                   help="texts: .jsonl (a JSON string or an object with a 'text' / 'input' / "
-                        "'prompt' / 'source' field, or --field, per line), any other file one "
-                        "text per line, blank lines included (row i is line i); '-' reads stdin")
-    p.add_argument("--field", default=None,
-                   help="JSONL field holding the text (default: the first of text / input / "
-                        "prompt / source)")
+    add_text_input(p, "texts", "blank lines included: row i is line i")
     p.add_argument("--model", required=True,
                    help=MODEL_DIR + " (an encoder-only export works), or a sentence-transformers "
                         "directory")
@@ -56,12 +50,7 @@ def add(p: argparse.ArgumentParser):
                    help="compute dtype (default bfloat16 on a GPU, float32 on CPU)")
     p.add_argument("--output-dtype", choices=DTYPES, default="float32",
                    help="dtype of the written arrays (default float32)")
-    p.add_argument("--weights", choices=WEIGHT_FORMATS, default=None,
-                   help="quantise the encoder's matmul weights as it loads: int8 / fp8 (one "
-                        "scale per output channel; default: as stored)")
-    p.add_argument("--int8-compute", action="store_true",
-                   help="with --weights int8: int8 activations too, int8 x int8 products "
-                        "(faster on a CPU, less exact)")
+    add_weights(p, "the encoder's")
     p.add_argument("--mesh", default=None,
                    help="devices as data=N,fsdp=N,tensor=N: rows over data x fsdp, weights "
                         "split over fsdp / tensor (default: data over all local devices)")

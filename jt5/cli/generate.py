@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
-from jt5.cli.common import DTYPES, MODEL_DIR, NON_NEGATIVE, POSITIVE, attention_impls, float_in
+from jt5.cli.common import (DTYPES, MODEL_DIR, NON_NEGATIVE, POSITIVE, add_text_input,
+                            add_weights, attention_impls, float_in)
 
 HELP = "generate text from a model directory (greedy, sampling, beam search)"
 
@@ -76,7 +77,6 @@ _GEN_FLAGS = {
 
 
 def add(p: argparse.ArgumentParser):
-    from jt5.config import WEIGHT_FORMATS
     from jt5.generation_config import FIELDS
     assert set(_GEN_FLAGS) == set(FIELDS) - {"bos_token_id"}, "a field without a flag"
     p.add_argument("texts", nargs="*", metavar="TEXT",
@@ -87,20 +87,8 @@ def add(p: argparse.ArgumentParser):
                    help="'byte' (ByT5 bytes) or a transformers tokenizer directory (default: the "
                         "--model directory's; for a run directory, its export or the tokenizer "
                         "it trained with)")
-    p.add_argument("--input", default=None, metavar="FILE",
-                   help="prompts from a file instead of TEXT: .jsonl (a JSON string or an object "
-                        "with a 'text' / 'input' / 'prompt' / 'source' field, or --field, per "
-                        "line), any other file one prompt a line (blank lines skipped); '-' reads "
-                        "stdin (as jt5 embed reads them)")
-    p.add_argument("--field", default=None,
-                   help="JSONL field holding the prompt (default: the first of text / input / "
-                        "prompt / source)")
-    p.add_argument("--weights", choices=WEIGHT_FORMATS, default=None,
-                   help="quantise the matmul weights (encoder and decoder) as the model loads: "
-                        "int8 / fp8, one scale per output channel (default: as stored)")
-    p.add_argument("--int8-compute", action="store_true",
-                   help="with int8 weights, quantise each row of the activations too and run "
-                        "int8 x int8 products (CTranslate2's int8: faster on a CPU, less exact)")
+    add_text_input(p, "prompts from a file instead of TEXT", "blank lines skipped")
+    add_weights(p, "encoder and decoder")
     p.add_argument("--output", default=None, metavar="FILE",
                    help="write JSON lines {index, input, output} in input order (default: print "
                         "the texts)")
