@@ -88,10 +88,25 @@ def pairs_config(cfg: FinetuneConfig) -> PairsConfig:
                        batch_size=cfg.batch_size, pack=cfg.pack, seed=cfg.seed)
 
 
+def _eval_text(cfg: FinetuneConfig) -> str:
+    return (f"eval {cfg.eval_data}" if cfg.eval_data else f"eval {cfg.eval_fraction:g} held out"
+            if cfg.eval_fraction else "no eval")
+
+
+def _tokenizer(spec: str, mcfg):
+    """The tokenizer ``spec`` names, checked against the model's vocabulary."""
+    try:
+        tokenizer = load_tokenizer(spec)
+    except ValueError as e:
+        raise ValueError(f"--tokenizer {spec}: {e}") from e
+    if tokenizer.vocab_size > mcfg.vocab_size:
+        raise ValueError(f"the tokenizer uses ids up to {tokenizer.vocab_size - 1} but the "
+                         f"model's vocab_size is {mcfg.vocab_size}")
+    return tokenizer
+
+
 def _data_text(cfg: FinetuneConfig, data: PairData) -> str:
-    s, spec = data.stats(), data.config.tokenizer
-    ev = (f"eval {cfg.eval_data}" if cfg.eval_data else f"eval {cfg.eval_fraction:g} held out"
-          if cfg.eval_fraction else "no eval")
+    s, spec, ev = data.stats(), data.config.tokenizer, _eval_text(cfg)
     rows = f"{s['rows']:,} rows, {s['examples_per_row']:.2f}/row" if cfg.pack else "padded"
     return (f"data {cfg.data} ({s['train']:,} pairs, {rows}, {data.epochs(cfg.steps):.1f} epochs; "
             f"{ev}: {s['eval']:,} pairs; truncated {s['truncated_inputs']} inputs / "
@@ -106,15 +121,9 @@ def run(cfg: FinetuneConfig, *, on_step: Optional[Callable[[int, dict], None]] =
         return run_head(cfg, on_step=on_step)
     mcfg, mesh = prepare(cfg)
     pcfg = pairs_config(cfg)
-    try:
-        tokenizer = load_tokenizer(pcfg.tokenizer)
-    except ValueError as e:
-        raise ValueError(f"--tokenizer {pcfg.tokenizer}: {e}") from e
+    tokenizer = _tokenizer(pcfg.tokenizer, mcfg)
     data = PairData(pcfg, tokenizer, process_index=jax.process_index(),
                     process_count=jax.process_count())
-    if data.vocab_size > mcfg.vocab_size:
-        raise ValueError(f"the tokenizer uses ids up to {data.vocab_size - 1} but the model's "
-                         f"vocab_size is {mcfg.vocab_size}")
     s = data.stats()
     if s["truncated_inputs"] or s["truncated_targets"]:
         log.warning("truncated %d inputs to --inputs-length %d and %d targets to "
@@ -265,9 +274,7 @@ def _own_labels(cfg: FinetuneConfig, mcfg) -> tuple:
 
 
 def _labels_text(cfg: FinetuneConfig, data: LabelData) -> str:
-    s, spec = data.stats(), data.config.tokenizer
-    ev = (f"eval {cfg.eval_data}" if cfg.eval_data else f"eval {cfg.eval_fraction:g} held out"
-          if cfg.eval_fraction else "no eval")
+    s, spec, ev = data.stats(), data.config.tokenizer, _eval_text(cfg)
     labels = f"{s['labels']} labels" if data.id2label else "spans"
     return (f"head {cfg.head}; data {cfg.data} ({s['train']:,} examples, {labels}, "
             f"{data.epochs(cfg.steps):.1f} epochs; {ev}: {s['eval']:,}; truncated "
@@ -278,17 +285,10 @@ def run_head(cfg: FinetuneConfig, *, on_step: Optional[Callable[[int, dict], Non
              ) -> FinetuneResult:
     """``run`` with ``cfg.head``: train a task head on labelled data (see the module docstring)."""
     mcfg, mesh = prepare(cfg)
-    spec = tokenizer_spec(cfg)
-    try:
-        tokenizer = load_tokenizer(spec)
-    except ValueError as e:
-        raise ValueError(f"--tokenizer {spec}: {e}") from e
+    tokenizer = _tokenizer(tokenizer_spec(cfg), mcfg)
     lcfg = labels_config(cfg, _own_labels(cfg, mcfg))
     data = LabelData(lcfg, tokenizer, process_index=jax.process_index(),
                      process_count=jax.process_count())
-    if data.vocab_size > mcfg.vocab_size:
-        raise ValueError(f"the tokenizer uses ids up to {data.vocab_size - 1} but the model's "
-                         f"vocab_size is {mcfg.vocab_size}")
     if cfg.classifier_pooling is not None:
         mcfg = mcfg.replace(classifier_pooling=cfg.classifier_pooling)
     names = data.id2label

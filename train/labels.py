@@ -36,9 +36,8 @@ import numpy as np
 
 from jt5.bridge.keymap import HEADS
 from jt5.tokenizer import Tokenizer
-from jt5.train.pairs import RowOrder, read_rows
+from jt5.train.pairs import RowOrder, read_rows, train_eval_split
 
-_SPLIT_TAG = 0x53504C54  # the same held-out split rule as pairs.py's --eval-fraction
 _INT = re.compile(r"-?\d+")
 _JSONL = ("jsonl",)
 
@@ -262,19 +261,8 @@ class LabelData:
             raise ValueError(f"batch_size={config.batch_size} is not divisible by {process_count=}")
         c = self.config = config
         self.tokenizer = tokenizer
-        train = read_examples(c.data, c)
-        if c.eval_data:
-            held = read_examples(c.eval_data, c)
-        elif c.eval_fraction > 0:
-            if len(train) < 2:
-                raise ValueError(f"{c.data}: one example cannot be split by --eval-fraction")
-            rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([c.seed, _SPLIT_TAG])))
-            perm = rng.permutation(len(train))
-            n_eval = min(max(1, round(c.eval_fraction * len(train))), len(train) - 1)
-            held = [train[i] for i in sorted(perm[:n_eval])]
-            train = [train[i] for i in sorted(perm[n_eval:])]
-        else:
-            held = []
+        train, held = train_eval_split(lambda p: read_examples(p, c), c.data, c.eval_data,
+                                       c.eval_fraction, c.seed)
         if c.head == "question-answering":
             self.id2label, ids = (), {}
         else:

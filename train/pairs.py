@@ -173,6 +173,23 @@ def layout_rows(in_len, tgt_len, order, L_in: int, L_tgt: int, pack: bool) -> li
     return rows
 
 
+def train_eval_split(read, data: str, eval_data: Optional[str], eval_fraction: float,
+                     seed: int) -> tuple[list, list]:
+    """(train, held-out) examples: ``read(eval_data)`` if given, else ``eval_fraction`` of
+    ``read(data)`` held out by a seeded split (the same in every run with this seed), else none."""
+    train = read(data)
+    if eval_data:
+        return train, read(eval_data)
+    if eval_fraction <= 0:
+        return train, []
+    if len(train) < 2:
+        raise ValueError(f"{data}: one example cannot be split by --eval-fraction")
+    rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, _SPLIT_TAG])))
+    perm = rng.permutation(len(train))
+    n_eval = min(max(1, round(eval_fraction * len(train))), len(train) - 1)
+    return [train[i] for i in sorted(perm[n_eval:])], [train[i] for i in sorted(perm[:n_eval])]
+
+
 class RowOrder:
     """Which rows global batch ``s`` holds: rows ``s*B .. s*B+B-1`` of the endless stream of
     epochs, epoch ``e`` visiting every row once in ``permutation(SeedSequence([seed, e]))``."""
@@ -210,19 +227,8 @@ class PairData:
         self.process_index, self.process_count = process_index, process_count
         self.local_batch_size = config.batch_size // process_count
         c = config
-        train = read_records(c.data, c.input_field, c.target_field)
-        if c.eval_data:
-            held = read_records(c.eval_data, c.input_field, c.target_field)
-        elif c.eval_fraction > 0:
-            if len(train) < 2:
-                raise ValueError(f"{c.data}: one example cannot be split by --eval-fraction")
-            rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([c.seed, _SPLIT_TAG])))
-            perm = rng.permutation(len(train))
-            n_eval = min(max(1, round(c.eval_fraction * len(train))), len(train) - 1)
-            held = [train[i] for i in sorted(perm[:n_eval])]
-            train = [train[i] for i in sorted(perm[n_eval:])]
-        else:
-            held = []
+        train, held = train_eval_split(lambda p: read_records(p, c.input_field, c.target_field),
+                                       c.data, c.eval_data, c.eval_fraction, c.seed)
         self.train = encode(train, tokenizer, c.prefix, c.inputs_length, c.targets_length)
         self.eval = encode(held, tokenizer, c.prefix, c.inputs_length, c.targets_length)
         order = np.random.Generator(np.random.PCG64(np.random.SeedSequence([c.seed]))).permutation(

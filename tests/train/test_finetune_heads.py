@@ -183,9 +183,10 @@ def test_best_span_is_the_best_valid_pair():
 
 # -- one short run through the CLI --------------------------------------------------------------
 def test_cli_head_finetune_exports_what_transformers_loads(byt5_dir, tmp_path, capsys):
-    """4 steps of sequence classification from a base checkpoint (a fresh head), over a 2x2x2
-    mesh, resumed to 6: metrics per eval, predictions per eval example, the summary line, and an
-    export transformers' T5ForSequenceClassification loads with jt5's logits and predictions."""
+    """4 steps of sequence classification from a base checkpoint (a fresh head) over a 2x2x2
+    mesh: metrics per eval, predictions per eval example, the summary line, and an export
+    transformers' T5ForSequenceClassification loads with jt5's logits and predictions. (Resume
+    is the runner's, tested with seq2seq; the head's batches are a pure function of the step.)"""
     pytest.importorskip("transformers")
     import torch
     import transformers
@@ -208,10 +209,8 @@ def test_cli_head_finetune_exports_what_transformers_loads(byt5_dir, tmp_path, c
         assert cli.main(argv) == 0
     text = capsys.readouterr().out
     assert "eval: 16 examples, accuracy" in text and "; eval accuracy" in text
-    assert cli.main(argv[:argv.index("--steps") + 1] + ["6"] + argv[argv.index("--steps") + 2:]) == 0
-    capsys.readouterr()
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [x["step"] for x in lines] == [1, 2, 3, 4, 5, 6]
+    assert [x["step"] for x in lines] == [1, 2, 3, 4]
     assert {"eval_loss", "eval_accuracy", "eval_macro_f1"} <= set(lines[3]) and (
         "eval_accuracy" not in lines[2])
     preds = [json.loads(x) for x in (out / "eval.jsonl").read_text().splitlines()]
