@@ -242,6 +242,16 @@ def test_native_checkpoint_and_paths(tmp_path):
     ids = np.arange(2, 12).reshape(2, 5)
     mask = np.ones_like(ids)
     np.testing.assert_array_equal(jt5_outputs(back, ids, mask)[0], jt5_outputs(model, ids, mask)[0])
+    # A jt5 checkpoint of another class (a pretrained T5) loads into a head: its weights, a
+    # fresh head, the warning naming it.
+    base = jt5.init_model(cfg)
+    weights.save_native(base, tmp_path / "base")
+    with pytest.warns(UserWarning, match=r"newly initialized.*'qa_outputs.bias'"):
+        qa = jt5.load(tmp_path / "base", jt5.T5ForQuestionAnswering)
+    have = dict(nnx.to_flat_state(nnx.state(base, nnx.Param)))
+    for p, v in nnx.to_flat_state(nnx.state(qa, nnx.Param)):
+        if p[0] != "qa_outputs":
+            np.testing.assert_array_equal(np.asarray(v.get_value()), np.asarray(have[p].get_value()))
 
 
 def test_mismatched_label_count_is_named(tmp_path):
