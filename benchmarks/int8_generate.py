@@ -4,7 +4,8 @@
 
 The same random t5-small-shaped weights (``generate.build_pair``) run as: jt5 float32, jt5 with
 int8 weights (``weights="int8"``: weight-only, float32 compute), jt5 int8 weights on int8
-activations (``int8_compute=True``, float32 and bfloat16 compute) and CTranslate2 float32 and
+activations (``int8_compute=True``, float32 and bfloat16 compute; and with the embedding, i.e.
+the tied head, in int8 too, as CTranslate2 does) and CTranslate2 float32 and
 int8 (``generate.build_ct2``), each generating exactly ``--new-tokens`` tokens for the same
 ``--batch`` x ``--input-len`` ids. One timed run of every system per round, ``--rounds`` rounds:
 on a machine shared with other jobs the load moves between rounds, so each round's ratio to
@@ -48,7 +49,11 @@ def main(argv=None) -> int:
                 "jt5 int8 weights": dict(weights="int8"),
                 "jt5 int8 + int8 compute": dict(weights="int8", int8_compute=True),
                 "jt5 int8 + int8 compute, bf16": dict(weights="int8", int8_compute=True,
-                                                      dtype="bfloat16")}
+                                                      dtype="bfloat16"),
+                # CTranslate2's int8 also quantises the embedding / tied output projection
+                "jt5 int8 + int8 compute + int8 embedding": dict(
+                    weights="int8", int8_compute=True,
+                    quantized=jt5.config.QUANT_DEFAULT["int8"] + ("embedding",))}
     rng = np.random.default_rng(0)
     with tempfile.TemporaryDirectory() as tmp:
         hf, base = build_pair(args.model, Path(tmp), "auto", "cpu", "float32")

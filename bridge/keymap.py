@@ -374,5 +374,5 @@ def _quantized(config: T5Config, rules: list[Rule]) -> list[Rule]:
             continue
         out.append(r._replace(jt5=r.jt5 + (quant.QWEIGHT,)))
         out.append(Rule(r.jt5 + (quant.SCALE,), r.hf + quant.HF_SCALE_SUFFIX, "scale",
-                        r.shape[-quant.out_ndim(kind):]))
+                        quant.scale_shape(kind, r.shape)))
     return out

@@ -15,10 +15,11 @@ MODEL_TYPES = ("t5", "mt5", "umt5", "longt5")
 # 2022, §3.1); "local" also works as a long-input approximation on any T5 checkpoint.
 ENCODER_ATTENTION_TYPES = ("full", "local", "transient-global")
 # Weight-only quantisation (jt5/quant.py). Layer kinds: the MLP's input projections (wi, wi_0,
-# wi_1), its output projection (wo), attention q/k/v, attention o. The default
+# wi_1), its output projection (wo), attention q/k/v, attention o, and (only when named) the
+# shared embedding with one scale per row, which is also the tied head's. The default
 # per format is what benchmarks/encoder_quant.py measured to keep the error within bf16's.
 WEIGHT_FORMATS = ("float", "int8", "fp8")
-QUANT_KINDS = ("mlp_in", "mlp_out", "attn_qkv", "attn_out")
+QUANT_KINDS = ("mlp_in", "mlp_out", "attn_qkv", "attn_out", "embedding")
 QUANT_DEFAULT = {"int8": ("mlp_in", "mlp_out", "attn_qkv", "attn_out"),
                  "fp8": ("mlp_in", "mlp_out", "attn_qkv", "attn_out")}
 # transformers' PretrainedConfig.problem_type values (None: decided from the labels).

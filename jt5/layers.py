@@ -29,11 +29,12 @@ class QuantizedWeight(nnx.Module):
     logical axes) with one float32 ``scale`` per output channel (its trailing ``n_out`` axes):
     ``w = qweight * scale`` (``jt5/quant.py``)."""
 
-    def __init__(self, w, axes, n_out: int, fmt: str, int8_compute: bool = False):
+    def __init__(self, w, axes, kind: str, fmt: str, int8_compute: bool = False):
         self.int8_compute = int8_compute  # static: the product's kind, not a parameter
-        q, s = quant.quantize(w, n_out, fmt, xp=jnp)
+        q, s = quant.quantize_as(kind, w, fmt, xp=jnp)
+        scale_axes = axes[:1] if kind == "embedding" else axes[-quant.out_ndim(kind):]
         self.qweight = nnx.Param(q, out_sharding=tuple(axes), eager_sharding=False)
-        self.scale = nnx.Param(s, out_sharding=tuple(axes[-n_out:]), eager_sharding=False)
+        self.scale = nnx.Param(s, out_sharding=tuple(scale_axes), eager_sharding=False)
 
 
 def weight(rngs: nnx.Rngs, shape, axes, *, std: float, config: T5Config, kind: str):
@@ -42,8 +43,7 @@ def weight(rngs: nnx.Rngs, shape, axes, *, std: float, config: T5Config, kind: s
     p = param(rngs, shape, axes, std=std, dtype=jnp.dtype(config.param_dtype))
     if kind not in config.quantized_kinds:
         return p
-    return QuantizedWeight(p[...], axes, quant.out_ndim(kind), config.weights,
-                           int8_compute=config.int8_compute)
+    return QuantizedWeight(p[...], axes, kind, config.weights, int8_compute=config.int8_compute)
 
 
 def matmul(eq: str, x, w, *, dtype, out_dtype=None):
@@ -170,27 +170,43 @@ class MLP(nnx.Module):
 
 
 class Embed(nnx.Module):
-    """The shared token embedding ``[V, D]``; also the output head when the head is tied."""
+    """The shared token embedding ``[V, D]``; also the output head when the head is tied.
+
+    Quantised only when asked (layer kind ``embedding``): int8 / fp8 rows with one scale per
+    row, which is also the tied head's scale per output (``head``)."""
 
     def __init__(self, config: T5Config, *, rngs: nnx.Rngs):
         self.one_hot = config.one_hot_embedding
         self.dtype = compute_dtype(config)
-        self.embedding = param(rngs, (config.vocab_size, config.d_model), ("vocab", "embed"),
-                               std=config.initializer_factor * 1.0,
-                               dtype=jnp.dtype(config.param_dtype))
+        self.embedding = weight(rngs, (config.vocab_size, config.d_model), ("vocab", "embed"),
+                                std=config.initializer_factor * 1.0, config=config,
+                                kind="embedding")
 
     def __call__(self, ids):  # [B,T] -> [B,T,D]
-        table = self.embedding[...]
+        e = self.embedding
+        quantized = isinstance(e, QuantizedWeight)
+        table = e.qweight[...] if quantized else e[...]
         if self.one_hot or is_sharded("vocab"):
             # A gather from a vocab-sharded table makes XLA rematerialise the whole table on
             # every device; a one-hot matmul keeps it sharded and runs on the matrix units.
             oh = jax.nn.one_hot(ids, table.shape[0], dtype=self.dtype)
+            if quantized:  # each one-hot row carries its table row's scale
+                oh = (oh * e.scale[...]).astype(self.dtype)
             return jnp.einsum("BTV,VD->BTD", oh, table.astype(self.dtype))
         # Gathered over fsdp first, as every weight is before use: from an embed-split table
         # the gather's gradient (a scatter-add) would need the [B, T, D] cotangent embed-split,
         # and XLA reshards it from batch-split by replication (jt5 plan: an XXL train step).
         table = constrain(table, ("vocab", None))
-        return jnp.take(table, ids, axis=0).astype(self.dtype)
+        rows = jnp.take(table, ids, axis=0)
+        if quantized:
+            rows = rows.astype(jnp.float32) * jnp.take(e.scale[...], ids, axis=0)[..., None]
+        return rows.astype(self.dtype)
+
+    def head(self, x):
+        """The tied head: ``x [B,T,D]`` -> float32 logits ``[B,T,V]``."""
+        if isinstance(self.embedding, QuantizedWeight):
+            return matmul("BTD,VD->BTV", x, self.embedding, dtype=x.dtype, out_dtype=jnp.float32)
+        return lm_logits(x, self.embedding[...], transposed=True)
 
 
 def lm_logits(x, table, *, transposed: bool):

@@ -258,7 +258,7 @@ class T5ForConditionalGeneration(nnx.Module):
             # Mesh TensorFlow scales the tied head's input by d_model**-0.5 (transformer.py L586).
             hidden = hidden * (self.config.d_model ** -0.5)
         if self.lm_head is None:
-            return constrain(lm_logits(hidden, self.shared.embedding[...], transposed=True),
+            return constrain(self.shared.head(hidden),
                              ("batch", "length", "act_vocab"))
         return constrain(lm_logits(hidden, self.lm_head[...], transposed=False),
                          ("batch", "length", "act_vocab"))

@@ -44,6 +44,8 @@ def format_of(dtype) -> Optional[str]:
 
 def layer_kind(path: tuple) -> Optional[str]:
     """The ``QUANT_KINDS`` entry of a jt5 parameter path, or None (never quantised)."""
+    if tuple(path) == ("shared", "embedding"):
+        return "embedding"
     last = path[-1] if path else None
     parent = path[-2] if len(path) > 1 else None
     if parent == "mlp":
@@ -54,9 +56,23 @@ def layer_kind(path: tuple) -> Optional[str]:
 
 
 def out_ndim(kind: str) -> int:
-    """How many trailing axes are output channels (q/k/v: heads and head dim)."""
+    """How many trailing axes are output channels (q/k/v: heads and head dim). The embedding
+    ``[V, D]`` is the one weight whose channels lead: one scale per vocabulary row, which is
+    also the tied head's output channel."""
     assert kind in QUANT_KINDS, kind
     return 2 if kind == "attn_qkv" else 1
+
+
+def scale_shape(kind: str, shape: tuple) -> tuple:
+    return tuple(shape[:1]) if kind == "embedding" else tuple(shape[-out_ndim(kind):])
+
+
+def quantize_as(kind: str, w, fmt: str, xp=np):
+    """``quantize`` with ``kind``'s channel axes (rows of the embedding, trailing otherwise)."""
+    if kind == "embedding":
+        q, s = quantize(xp.asarray(w).T, 1, fmt, xp)
+        return q.T, s
+    return quantize(w, out_ndim(kind), fmt, xp)
 
 
 def quantize(w, n_out: int, fmt: str, xp=np):
@@ -76,8 +92,12 @@ def quantize(w, n_out: int, fmt: str, xp=np):
 
 
 def dequantize(qweight, scale) -> np.ndarray:
-    """float32 ``qweight * scale`` (scale broadcast over the trailing axes)."""
-    return np.asarray(qweight).astype(np.float32) * np.asarray(scale, np.float32)
+    """float32 ``qweight * scale``: the scale over the trailing axes, or the leading one (the
+    embedding's rows) when that is what its shape matches."""
+    q, s = np.asarray(qweight).astype(np.float32), np.asarray(scale, np.float32)
+    if s.shape != q.shape[q.ndim - s.ndim:]:
+        s = s.reshape(s.shape + (1,) * (q.ndim - s.ndim))
+    return q * s
 
 
 def adapt(pairs: Iterable, want: dict, source: str) -> Iterator[tuple]:
@@ -98,7 +118,7 @@ def adapt(pairs: Iterable, want: dict, source: str) -> Iterator[tuple]:
             continue
         if path + (QWEIGHT,) in want:
             fmt = format_of(want[path + (QWEIGHT,)].dtype)
-            q, s = quantize(arr, len(want[path + (SCALE,)].shape), fmt)
+            q, s = quantize_as(layer_kind(path), arr, fmt)
             yield path + (QWEIGHT,), q
             yield path + (SCALE,), s
             continue

@@ -16,7 +16,7 @@ from tests.conftest import assert_close
 
 # transformers module names of each layer kind (nn.Linear weights are [out, in])
 KIND_NAMES = {"mlp_in": ("wi", "wi_0", "wi_1"), "mlp_out": ("wo",), "attn_qkv": ("q", "k", "v"),
-              "attn_out": ("o",)}
+              "attn_out": ("o",), "embedding": ("shared",)}
 
 
 def _fake_quant(w, fmt):
@@ -37,9 +37,11 @@ def _reference(model, fmt, kinds):
     with torch.no_grad():
         for name, mod in model.named_modules():
             if isinstance(mod, torch.nn.Linear) and name.split(".")[-1] in names:
-                if name.startswith(("lm_head", "shared")):
+                if name.startswith("lm_head"):
                     continue
                 mod.weight.copy_(_fake_quant(mod.weight.float(), fmt))
+        if "shared" in names:  # [V, D]: one scale per row; a tied head shares the table
+            model.shared.weight.copy_(_fake_quant(model.shared.weight.float(), fmt))
     return model
 
 
@@ -50,18 +52,22 @@ def t5_dir(tmp_path_factory):
     return d
 
 
-@pytest.mark.parametrize("fmt,kinds", [("int8", ()), ("fp8", ()), ("int8", ("mlp_in",))])
-def test_quantised_at_load_equals_transformers_on_the_quantised_weights(t5_dir, fmt, kinds):
-    model = jt5.T5ForConditionalGeneration.from_pretrained(t5_dir, weights=fmt, quantized=kinds)
+@pytest.mark.parametrize("variant,fmt,kinds", [
+    ("t5-v1_1", "int8", ()), ("t5-v1_1", "fp8", ()), ("t5-v1_1", "int8", ("mlp_in",)),
+    ("t5-v1_0", "int8", ("embedding", "mlp_in"))])  # tied head: the quantised table's rows
+def test_quantised_at_load_equals_transformers_on_the_quantised_weights(tmp_path, variant, fmt,
+                                                                          kinds):
+    hf_models.build(variant, tmp_path / "m")
+    model = jt5.T5ForConditionalGeneration.from_pretrained(tmp_path / "m", weights=fmt,
+                                                           quantized=kinds)
     want = kinds or jt5.config.QUANT_DEFAULT[fmt]
     assert model.config.quantized_kinds == tuple(want)
-    ref = _reference(hf_models.build("t5-v1_1", t5_dir.parent / f"ref-{fmt}-{len(kinds)}"), fmt,
-                     want)
+    ref = _reference(hf_models.build(variant, tmp_path / "ref"), fmt, want)
     ids, mask, dec = hf_models.inputs(99)
-    expected = hf_models.hf_reference_logits(ref, "t5-v1_1", ids, mask, dec)
+    expected = hf_models.hf_reference_logits(ref, variant, ids, mask, dec)
     assert_close(model(ids, dec, mask), expected, dtype="float32", check="logits",
                  what=f"{fmt} {want} vs transformers on the quantised weights")
-    float_model = jt5.T5ForConditionalGeneration.from_pretrained(t5_dir)
+    float_model = jt5.T5ForConditionalGeneration.from_pretrained(tmp_path / "m")
     assert np.abs(np.asarray(float_model(ids, dec, mask)) - expected).max() > 1e-4  # not a no-op
 
 
@@ -72,6 +78,13 @@ def test_saved_checkpoint_reloads_and_generates(t5_dir, tmp_path):
     ids, mask, dec = hf_models.inputs(99)
     for fmt, dtype in (("int8", "I8"), ("fp8", "F8_E4M3")):
         model = jt5.T5ForConditionalGeneration.from_pretrained(t5_dir, weights=fmt)
+        if fmt == "int8":  # the embedding's row scales save and reload too
+            emb = jt5.T5ForConditionalGeneration.from_pretrained(
+                t5_dir, weights=fmt, quantized=("embedding", "attn_qkv"))
+            emb.save_pretrained(tmp_path / "emb")
+            np.testing.assert_array_equal(
+                np.asarray(jt5.T5ForConditionalGeneration.from_pretrained(tmp_path / "emb")(
+                    ids, dec, mask)), np.asarray(emb(ids, dec, mask)))
         out = np.asarray(model(ids, dec, mask))
         model.save_pretrained(tmp_path / fmt)
         cfg = json.loads((tmp_path / fmt / "config.json").read_text())
@@ -143,20 +156,22 @@ def test_bad_requests_are_one_clear_error(t5_dir, tmp_path):
         jt5.T5EncoderModel.from_pretrained(tmp_path / "bnb")
 
 
-@pytest.mark.parametrize("eq,x_shape,w_shape,axes,n_out", [
-    ("BTD,DF->BTF", (2, 5, 16), (16, 12), ("embed", "mlp"), 1),
-    ("BSD,DNH->BSNH", (2, 5, 16), (16, 3, 4), ("embed", "heads", "kv"), 2),
-    ("BTNH,NHD->BTD", (2, 5, 3, 4), (3, 4, 10), ("heads", "kv", "embed"), 1)])
+@pytest.mark.parametrize("eq,x_shape,w_shape,axes,kind", [
+    ("BTD,DF->BTF", (2, 5, 16), (16, 12), ("embed", "mlp"), "mlp_in"),
+    ("BSD,DNH->BSNH", (2, 5, 16), (16, 3, 4), ("embed", "heads", "kv"), "attn_qkv"),
+    ("BTNH,NHD->BTD", (2, 5, 3, 4), (3, 4, 10), ("heads", "kv", "embed"), "attn_out"),
+    ("BTD,VD->BTV", (2, 5, 16), (12, 16), ("vocab", "embed"), "embedding")])  # a tied head
 def test_int8_compute_is_the_integer_product_of_quantised_rows_and_channels(
-        eq, x_shape, w_shape, axes, n_out):
+        eq, x_shape, w_shape, axes, kind):
     """int8_compute: each row of x (all but its batch and length axes) by its absmax / 127,
     int8 x int8 summed exactly, both scales after: a float64 numpy reference of that scheme."""
     from jt5.layers import QuantizedWeight, matmul
     rng = np.random.default_rng(0)
     x = rng.normal(size=x_shape).astype(np.float32)
     x[0, 1] *= 40.0  # rows of very different ranges: the scale is per row
-    w = QuantizedWeight(rng.normal(size=w_shape).astype(np.float32), axes, n_out, "int8",
+    w = QuantizedWeight(rng.normal(size=w_shape).astype(np.float32), axes, kind, "int8",
                         int8_compute=True)
+    n_out = 2 if kind == "attn_qkv" else 1
     got = np.asarray(matmul(eq, x, w, dtype=np.float32))
     sx = np.abs(x).max(axis=tuple(range(2, x.ndim)), keepdims=True) / 127.0
     xq = np.round(x / sx)
