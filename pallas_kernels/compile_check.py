@@ -4,7 +4,6 @@ spills and ptxas warnings per configuration, and a verdict against the target's 
     python -m jt5.pallas_kernels.compile_check                        # sm_90a, bf16 + f16, H 64/128
     python -m jt5.pallas_kernels.compile_check --arch sm_80 --json out.json
     python -m jt5.pallas_kernels.compile_check --dtypes float32 --masks none --kernels flash
-    python -m jt5.pallas_kernels.compile_check --kernels mosaic   # Mosaic GPU: mosaic_compile
 
 For each configuration (tile choice x dtype x head dim x mask kind) the flash forward and
 backward (dk/dv, dq) or the decode kernel is lowered for CUDA
@@ -15,7 +14,8 @@ module each ``pallas_call`` builds is captured and compiled by ``triton_compile.
 
 A kernel fails the check on a compile error, shared memory above the target's limit or any
 register spill. Identical kernels (same module text, warps and stages) are compiled once;
-nothing is cached between runs. Needs ``triton`` (the test extra pins 3.9.0).
+nothing is cached between runs. Needs ``triton`` (the test extra pins 3.9.0). The Mosaic GPU
+kernels have the same gate through XLA and jax's CUDA plugin: ``mosaic_compile.py``.
 """
 from __future__ import annotations
 
@@ -378,34 +378,20 @@ def main(argv=None) -> int:
     ap.add_argument("--head-dims", default="64,128")
     ap.add_argument("--masks", default=",".join(FLASH_MASKS + DECODE_MASKS),
                     help=f"flash: {','.join(FLASH_MASKS)}; decode: {','.join(DECODE_MASKS)}")
-    ap.add_argument("--kernels", default="flash,decode",
-                    help="flash, decode and/or mosaic (the Mosaic GPU kernels, sm_90a only)")
-    ap.add_argument("--semantics", default="lane",
-                    help="Mosaic GPU lowering semantics to compile: lane and/or warpgroup")
+    ap.add_argument("--kernels", default="flash,decode", help="flash and/or decode")
     ap.add_argument("--table", default=blocks.TABLE_PATH, help="tuning table to select tiles from")
     ap.add_argument("--workers", type=int, default=2, help="compiles in parallel")
     ap.add_argument("--json", default=None, metavar="PATH", help="also write the rows as JSON")
     args = ap.parse_args(argv)
     rows, t0 = [], time.perf_counter()
-    dtypes, masks = tuple(args.dtypes.split(",")), tuple(args.masks.split(","))
-    head_dims = tuple(map(int, args.head_dims.split(",")))
-    kernels = tuple(args.kernels.split(","))
-    triton_kernels = tuple(k for k in kernels if k != "mosaic")
-    log = lambda s: print("  " + s, file=sys.stderr)   # noqa: E731
     for arch in args.arch.split(","):
-        if triton_kernels:
-            configs = configurations(arch, dtypes=dtypes, head_dims=head_dims, masks=masks,
-                                     kernels=triton_kernels, path=args.table)
-            print(f"{arch}: {len(configs)} configurations", file=sys.stderr)
-            rows += run_check(configs, arch, workers=args.workers, log=log)
-        if "mosaic" in kernels and arch == "sm_90a":   # Mosaic GPU targets Hopper
-            from jt5.pallas_kernels import mosaic_compile
-            configs = mosaic_compile.configurations(
-                dtypes=dtypes, head_dims=head_dims, masks=tuple(m for m in masks
-                                                                if m in FLASH_MASKS),
-                semantics=tuple(args.semantics.split(",")))
-            print(f"{arch}: {len(configs)} Mosaic GPU configurations", file=sys.stderr)
-            rows += mosaic_compile.run_check(configs, log=log)
+        configs = configurations(arch, dtypes=tuple(args.dtypes.split(",")),
+                                 head_dims=tuple(map(int, args.head_dims.split(","))),
+                                 masks=tuple(args.masks.split(",")),
+                                 kernels=tuple(args.kernels.split(",")), path=args.table)
+        print(f"{arch}: {len(configs)} configurations", file=sys.stderr)
+        rows += run_check(configs, arch, workers=args.workers,
+                          log=lambda s: print("  " + s, file=sys.stderr))
     elapsed = time.perf_counter() - t0
     failed = [r for r in rows if r["problems"]]
     print(markdown_table(rows))

@@ -137,7 +137,10 @@ def mosaic_attention(q, k, v, mask: Mask | None = None, bias: RelativeBias | Non
                    q_seg=q_seg is not None, kv_seg=kv_seg is not None,
                    batched_tables=kv_seg is not None,
                    bidirectional=True if bias is None else bool(bias.bidirectional),
-                   max_distance=128 if bias is None else int(bias.max_distance), opts=opts)
+                   max_distance=128 if bias is None else int(bias.max_distance), opts=opts,
+                   # Two 64 x 128 float32 accumulators per warpgroup plus a bias or a mask
+                   # spill even at 255 registers (compile gate): dk and dv apart at H > 64.
+                   dkv_split=Hp > mc.BLOCK)
     o, lse = _attention(st, qp, kp, vp, None if bias is None else bias.table,
                         jnp.asarray(q_offset, jnp.int32), q_seg, kv_seg)
     out = o[:, :T, :, :H]

@@ -24,19 +24,16 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from jt5.pallas_kernels import mosaic_common as mc
 from jt5.pallas_kernels.mosaic_common import BLOCK, COMPUTE_WGS, LOG2E
-from jt5.pallas_kernels.spec import visible
 
 _STAGES = COMPUTE_WGS     # warpgroup w consumes the steps t = w (mod 2): ring slot w
 
 
 def _band_kernel(r, *, st: mc.Static, dtype):
-    b, h, ei = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("offset")
-    bm = b if st.batched_tables else 0
-    n_full, n_live = r["counts"][bm, ei, 0], r["counts"][bm, ei, 1]
-    q_off, a = r["meta"][0], r["meta"][1]
-    query_block = lambda t: r["indices"][bm, ei, t]
+    c = mc.cta(r, st, "offset")
+    b, h, ei, n_full, n_live, q_off = c.b, c.h, c.row, c.n_full, c.n_live, c.q_off
+    query_block = functools.partial(c.block, r)
     e = st.band[0] + ei
-    key_block = lambda qb: qb + a + e
+    key_block = lambda qb: qb + c.a + e   # noqa: E731
 
     def copies(t, slot):
         qb = query_block(t)
@@ -74,18 +71,13 @@ def _band_kernel(r, *, st: mc.Static, dtype):
             p = jnp.exp2(s - mc.broadcast_rows(mc.load_vector(rows_smem.at[0], 1, st.opts),
                                                shape))
             if masked:
-                q_pos = mc.iota(shape, 0, st.opts) + (q_off + qb * BLOCK)
-                k_pos = mc.iota(shape, 1, st.opts) + key_block(qb) * BLOCK
-                q_seg = k_seg = None
-                if st.q_seg:
-                    q_seg = mc.broadcast_rows(
-                        mc.load_vector(r["qseg_smem"].at[slot], 1, st.opts), shape)
-                if st.kv_seg:
-                    k_seg = mc.broadcast_cols(
-                        mc.load_vector(r["kseg_smem"].at[slot], 0, st.opts), shape)
-                vis = visible(q_pos, k_pos, q_seg, k_seg, st.mask)
-                if vis is not None:
-                    p = jnp.where(vis, p, 0.0)
+                p, _ = mc.mask_tile(
+                    p, 0.0, st, shape, q_first=q_off + qb * BLOCK,
+                    k_first=key_block(qb) * BLOCK,
+                    q_ids=(mc.load_vector(r["qseg_smem"].at[slot], 1, st.opts) if st.q_seg
+                           else None),
+                    k_ids=(mc.load_vector(r["kseg_smem"].at[slot], 0, st.opts) if st.kv_seg
+                           else None))
             dp = mc.mma_nt(r["do_smem"].at[slot], r["v_smem"].at[slot], st.opts)
             delta = mc.load_vector(rows_smem.at[1], 1, st.opts)
             plgpu.barrier_arrive(r["consumed"].at[slot])
@@ -106,9 +98,8 @@ def band(st: mc.Static, q, k, v, do, lse2, delta, meta, tables, q_seg, kv_seg, t
     ``st.band = (lo, hi)``."""
     B, Tp, N, D = q.shape
     n_off = st.band[1] - st.band[0] + 1
-    ins = dict(q=q, k=k, v=v, do=do, lse=lse2, delta=delta, meta=meta,
-               counts=tables.band.counts, indices=tables.band.indices, qseg=q_seg,
-               kseg=kv_seg, tiles=tiles.tiles)
+    ins = mc.backward_inputs(q, k, v, do, lse2, delta, meta, tables.band, q_seg, kv_seg,
+                             tiles=tiles.tiles)
     scratch = dict(
         q_smem=mc.smem_tiles(_STAGES, BLOCK, D, q.dtype),
         do_smem=mc.smem_tiles(_STAGES, BLOCK, D, q.dtype),

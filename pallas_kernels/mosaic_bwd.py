@@ -9,7 +9,9 @@ blocks of a block-table row through the TMA ring to two compute warpgroups.
   sums each row's dS over the blocks beyond ``near`` (left and right): the saturated buckets'
   gradient, one float per row and side.
 - ``dkv``: a CTA per 128-key tile streams Q, dO, lse, delta (the transposed table) and works
-  on ``S^T`` so both accumulators stay in registers.
+  on ``S^T`` so both accumulators stay in registers. At head dim 128 two 64 x 128 float32
+  accumulators per warpgroup spill (the compile gate), so dk and dv run as two kernels then,
+  recomputing ``S`` once more.
 - ``band``: a CTA per (head, offset e, batch row) sums dS over the block pairs ``(qb, qb + a +
   e)`` into one 64 x 64 tile; ``mosaic_tables.table_gradient`` maps it to buckets.
 """
@@ -25,63 +27,28 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from jt5.pallas_kernels import mosaic_common as mc
 from jt5.pallas_kernels.mosaic_common import BLOCK, COMPUTE_WGS, LOG2E
-from jt5.pallas_kernels.mosaic_fwd import add_bias
-from jt5.pallas_kernels.spec import visible
+from jt5.pallas_kernels.mosaic_fwd import add_bias, bias_scratch, copy_near_tiles, kv_streams
 
 
-def _visible(st: mc.Static, shape, *, q_pos, k_pos, q_ids, k_ids, transposed: bool):
-    """``spec.visible`` of a tile (rows = queries, or keys when ``transposed``) from position
-    tiles and per-row / per-column segment id vectors (None when absent)."""
-    rows, cols = (mc.broadcast_rows, mc.broadcast_cols)
-    q_seg = None if q_ids is None else (cols if transposed else rows)(q_ids, shape)
-    k_seg = None if k_ids is None else (rows if transposed else cols)(k_ids, shape)
-    return visible(q_pos, k_pos, q_seg, k_seg, st.mask)
-
-
-def _probabilities(s, lse, vis, shape, *, lse_axis: int):
-    """``P = exp2(S - lse)`` (0 where not visible); ``lse`` broadcast along rows (axis 1: one
-    per row) or columns."""
+def _probabilities(s, lse, st: mc.Static, shape, *, lse_axis: int, masked: bool, **tile):
+    """``P = exp2(S - lse)``, 0 where not visible (partial blocks: ``mask_tile`` with ``tile``'s
+    positions and ids); ``lse`` broadcast along rows (axis 1: one per row) or columns."""
     b = mc.broadcast_rows if lse_axis == 1 else mc.broadcast_cols
     p = jnp.exp2(s - b(lse, shape))
-    return p if vis is None else jnp.where(vis, p, 0.0)
+    return mc.mask_tile(p, 0.0, st, shape, **tile)[0] if masked else p
 
 
 # ---------------------------------------------------------------------------- dq
 
 def _dq_kernel(r, *, st: mc.Static, stages: int, dtype):
-    b, h, qt = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("q_seq")
-    bm = b if st.batched_tables else 0
-    n_full, n_live = r["counts"][bm, qt, 0], r["counts"][bm, qt, 1]
-    q_off, a = r["meta"][0], r["meta"][1]
+    c = mc.cta(r, st, "q_seq")
+    b, h, qt, n_full, n_live, q_off = c.b, c.h, c.row, c.n_full, c.n_live, c.q_off
     bias = st.near is not None
-    key_block = lambda t: r["indices"][bm, qt, t]
-    offset = lambda kb, w: kb - (qt * COMPUTE_WGS + w) - a
-
-    def k_copies(t, slot):
-        kb = key_block(t)
-        rows = pl.ds(kb * BLOCK, BLOCK)
-        plgpu.copy_gmem_to_smem(r["k"].at[b, rows, h], r["k_smem"].at[slot],
-                                r["k_ready"].at[slot])
-        if st.kv_seg:
-            plgpu.copy_gmem_to_smem(r["kseg"].at[b, rows], r["kseg_smem"].at[slot],
-                                    r["k_ready"].at[slot])
-        if bias:
-            for w in range(COMPUTE_WGS):
-                e = offset(kb, w)
-
-                @pl.when(jnp.abs(e) <= st.near)
-                def _tile():
-                    i = slot * COMPUTE_WGS + w
-                    plgpu.copy_gmem_to_smem(r["tiles"].at[h, e + st.near],
-                                            r["bias_smem"].at[i], r["bias_ready"].at[i])
-
-    def v_copies(t, slot):
-        plgpu.copy_gmem_to_smem(r["v"].at[b, pl.ds(key_block(t) * BLOCK, BLOCK), h],
-                                r["v_smem"].at[slot], r["v_ready"].at[slot])
+    key_block = functools.partial(c.block, r)
+    offset = lambda kb, w: kb - (qt * COMPUTE_WGS + w) - c.a   # noqa: E731
 
     mc.memory_warpgroup(lambda: mc.produce(
-        [mc.Stream(k_copies, r["k_consumed"]), mc.Stream(v_copies, r["v_consumed"])],
-        n_live, stages))
+        kv_streams(r, st, b=b, h=h, key_block=key_block, offset=offset), n_live, stages))
 
     @mc.compute_warpgroups
     def _compute(w):
@@ -101,7 +68,7 @@ def _dq_kernel(r, *, st: mc.Static, stages: int, dtype):
         lse = mc.load_vector(rows_smem.at[0], 1, st.opts)
         delta = mc.load_vector(rows_smem.at[1], 1, st.opts)
         q_ids = mc.load_vector(r["qseg_smem"].at[w], 1, st.opts) if st.q_seg else None
-        q_pos = mc.iota(shape, 0, st.opts) + (q_off + qb * BLOCK)
+        positions = (mc.iota(shape, 0, st.opts), mc.iota(shape, 1, st.opts))
         far = (r["far"][h, 0], r["far"][h, 1]) if bias else None
 
         def step(t, carry, *, masked):
@@ -115,21 +82,19 @@ def _dq_kernel(r, *, st: mc.Static, stages: int, dtype):
                 i = slot * COMPUTE_WGS + w
                 s = add_bias(s, st, e, tile=r["bias_smem"].at[i], ready=r["bias_ready"].at[i],
                              far=far)
-            vis = None
-            if masked:
-                k_ids = (mc.load_vector(r["kseg_smem"].at[slot], 0, st.opts) if st.kv_seg
-                         else None)
-                vis = _visible(st, shape, q_pos=q_pos, k_pos=mc.iota(shape, 1, st.opts)
-                               + kb * BLOCK, q_ids=q_ids, k_ids=k_ids, transposed=False)
-            p = _probabilities(s, lse, vis, shape, lse_axis=1)
+            k_ids = (mc.load_vector(r["kseg_smem"].at[slot], 0, st.opts)
+                     if masked and st.kv_seg else None)
+            p = _probabilities(s, lse, st, shape, lse_axis=1, masked=masked,
+                               q_first=q_off + qb * BLOCK, k_first=kb * BLOCK, q_ids=q_ids,
+                               k_ids=k_ids, positions=positions)
             plgpu.barrier_wait(r["v_ready"].at[slot])
             dp = mc.mma_nt(do_smem, r["v_smem"].at[slot], st.opts)
             plgpu.barrier_arrive(r["v_consumed"].at[slot])
             ds = p * (dp - mc.broadcast_rows(delta, shape))
             if bias:   # saturated buckets: this row's dS summed over the far blocks per side
-                row = ds.sum(axis=1)
-                far_l = far_l + jnp.where(e < -st.near, row, 0.0)
-                far_r = far_r + jnp.where(e > st.near, row, 0.0)
+                row = ds.sum(axis=1)   # (a 0/1 factor: Warpgroup lowering has no select of
+                far_l = far_l + row * (e < -st.near).astype(jnp.float32)  # arrays by a scalar)
+                far_r = far_r + row * (e > st.near).astype(jnp.float32)
             dq = mc.mma_acc(dq, ds.astype(dtype), r["k_smem"].at[slot], st.opts)
             plgpu.barrier_arrive(r["k_consumed"].at[slot])
             return dq, far_l, far_r
@@ -155,10 +120,9 @@ def _dq(st: mc.Static, q, k, v, do, lse2, delta, meta, tables, q_seg, kv_seg, ti
     B, Tp, N, D = q.shape
     stages = st.opts.stages
     bias = tiles is not None
-    ins = dict(q=q, k=k, v=v, do=do, lse=lse2, delta=delta, meta=meta,
-               counts=tables.rows.counts, indices=tables.rows.indices, qseg=q_seg,
-               kseg=kv_seg, tiles=tiles.tiles if bias else None,
-               far=tiles.far if bias else None)
+    ins = mc.backward_inputs(q, k, v, do, lse2, delta, meta, tables.rows, q_seg, kv_seg,
+                             tiles=tiles.tiles if bias else None,
+                             far=tiles.far if bias else None)
     scratch = dict(
         q_smem=mc.smem_tiles(COMPUTE_WGS, BLOCK, D, q.dtype),
         do_smem=mc.smem_tiles(COMPUTE_WGS, BLOCK, D, q.dtype),
@@ -171,9 +135,7 @@ def _dq(st: mc.Static, q, k, v, do, lse2, delta, meta, tables, q_seg, kv_seg, ti
         k_consumed=mc.barriers(stages, COMPUTE_WGS),
         v_consumed=mc.barriers(stages, COMPUTE_WGS))
     _segment_scratch(scratch, st, stages)
-    if bias:
-        scratch["bias_smem"] = mc.smem_f32_tiles(stages * COMPUTE_WGS)
-        scratch["bias_ready"] = mc.barriers(stages * COMPUTE_WGS)
+    bias_scratch(scratch, st, stages)
     out_type = [jax.ShapeDtypeStruct(q.shape, q.dtype)]
     if bias:
         out_type.append(jax.ShapeDtypeStruct((B, N, 2, Tp), jnp.float32))
@@ -195,14 +157,16 @@ def _segment_scratch(scratch, st: mc.Static, stages: int):
 
 # ---------------------------------------------------------------------------- dk, dv
 
-def _dkv_kernel(r, *, st: mc.Static, stages: int, dtype):
-    b, h, kt = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("kv_seq")
-    bm = b if st.batched_tables else 0
-    n_full, n_live = r["counts"][bm, kt, 0], r["counts"][bm, kt, 1]
-    q_off, a = r["meta"][0], r["meta"][1]
+_PARTS = {"dkv": ("dk", "dv"), "dk": ("dk",), "dv": ("dv",)}
+
+
+def _dkv_kernel(r, *, st: mc.Static, stages: int, dtype, part: str):
+    c = mc.cta(r, st, "kv_seq")
+    b, h, kt, n_full, n_live, q_off = c.b, c.h, c.row, c.n_full, c.n_live, c.q_off
     bias = st.near is not None
-    query_block = lambda t: r["indices"][bm, kt, t]
-    offset = lambda qb, w: (kt * COMPUTE_WGS + w) - qb - a
+    outs = _PARTS[part]
+    query_block = functools.partial(c.block, r)
+    offset = lambda qb, w: (kt * COMPUTE_WGS + w) - qb - c.a   # noqa: E731
 
     def q_copies(t, slot):
         qb = query_block(t)
@@ -213,14 +177,8 @@ def _dkv_kernel(r, *, st: mc.Static, stages: int, dtype):
         if st.q_seg:
             plgpu.copy_gmem_to_smem(r["qseg"].at[b, rows], r["qseg_smem"].at[slot], ready)
         if bias:
-            for w in range(COMPUTE_WGS):
-                e = offset(qb, w)
-
-                @pl.when(jnp.abs(e) <= st.near)
-                def _tile():
-                    i = slot * COMPUTE_WGS + w
-                    plgpu.copy_gmem_to_smem(r["tiles_t"].at[h, e + st.near],
-                                            r["bias_smem"].at[i], r["bias_ready"].at[i])
+            copy_near_tiles(r, st, r["tiles_t"], h, slot,
+                            [offset(qb, w) for w in range(COMPUTE_WGS)])
 
     def do_copies(t, slot):
         rows = pl.ds(query_block(t) * BLOCK, BLOCK)
@@ -245,11 +203,11 @@ def _dkv_kernel(r, *, st: mc.Static, stages: int, dtype):
         plgpu.barrier_wait(ready)
         shape = (BLOCK, BLOCK)                      # rows = keys, columns = queries
         k_ids = mc.load_vector(r["kseg_smem"].at[w], 1, st.opts) if st.kv_seg else None
-        k_pos = mc.iota(shape, 0, st.opts) + kb * BLOCK
+        positions = (mc.iota(shape, 1, st.opts), mc.iota(shape, 0, st.opts))
         far = (r["far"][h, 0], r["far"][h, 1]) if bias else None
 
-        def step(t, carry, *, masked):
-            dk, dv = carry
+        def step(t, acc, *, masked):
+            acc = dict(acc)
             slot = lax.rem(t, stages)
             qb = query_block(t)
             rows_smem = r["rows_smem"].at[slot]
@@ -259,44 +217,48 @@ def _dkv_kernel(r, *, st: mc.Static, stages: int, dtype):
                 i = slot * COMPUTE_WGS + w
                 s = add_bias(s, st, offset(qb, w), tile=r["bias_smem"].at[i],
                              ready=r["bias_ready"].at[i], far=far)
-            vis = None
-            if masked:
-                q_ids = (mc.load_vector(r["qseg_smem"].at[slot], 0, st.opts) if st.q_seg
-                         else None)
-                q_pos = mc.iota(shape, 1, st.opts) + (q_off + qb * BLOCK)
-                vis = _visible(st, shape, q_pos=q_pos, k_pos=k_pos, q_ids=q_ids, k_ids=k_ids,
-                               transposed=True)
-            p = _probabilities(s, mc.load_vector(rows_smem.at[0], 0, st.opts), vis, shape,
-                               lse_axis=0)
+            q_ids = (mc.load_vector(r["qseg_smem"].at[slot], 0, st.opts)
+                     if masked and st.q_seg else None)
+            p = _probabilities(s, mc.load_vector(rows_smem.at[0], 0, st.opts), st, shape,
+                               lse_axis=0, masked=masked, q_first=q_off + qb * BLOCK,
+                               k_first=kb * BLOCK, q_ids=q_ids, k_ids=k_ids, transposed=True,
+                               positions=positions)
             plgpu.barrier_wait(r["do_ready"].at[slot])
-            dv = mc.mma_acc(dv, p.astype(dtype), r["do_smem"].at[slot], st.opts)
-            dp = mc.mma_nt(v_smem, r["do_smem"].at[slot], st.opts)
-            delta = mc.load_vector(rows_smem.at[1], 0, st.opts)
+            if "dv" in acc:
+                acc["dv"] = mc.mma_acc(acc["dv"], p.astype(dtype), r["do_smem"].at[slot],
+                                       st.opts)
+            if "dk" in acc:
+                dp = mc.mma_nt(v_smem, r["do_smem"].at[slot], st.opts)
+                p = p * (dp - mc.broadcast_cols(mc.load_vector(rows_smem.at[1], 0, st.opts),
+                                                shape))                       # dS^T
             plgpu.barrier_arrive(r["do_consumed"].at[slot])
-            ds = p * (dp - mc.broadcast_cols(delta, shape))
-            dk = mc.mma_acc(dk, ds.astype(dtype), r["q_smem"].at[slot], st.opts)
+            if "dk" in acc:
+                acc["dk"] = mc.mma_acc(acc["dk"], p.astype(dtype), r["q_smem"].at[slot], st.opts)
             plgpu.barrier_arrive(r["q_consumed"].at[slot])
-            return dk, dv
+            return acc
 
-        z = mc.zeros((BLOCK, k_smem.shape[-1]), st.opts)
-        carry = lax.fori_loop(0, n_full, functools.partial(step, masked=False), (z, z))
-        dk, dv = lax.fori_loop(n_full, n_live, functools.partial(step, masked=True), carry)
-        k_smem[...] = (dk * st.sm_scale).astype(dtype)
-        v_smem[...] = dv.astype(dtype)
+        acc = {name: mc.zeros((BLOCK, k_smem.shape[-1]), st.opts) for name in outs}
+        acc = lax.fori_loop(0, n_full, functools.partial(step, masked=False), acc)
+        acc = lax.fori_loop(n_full, n_live, functools.partial(step, masked=True), acc)
+        for name in outs:                    # k_smem / v_smem hold the results
+            buf = k_smem if name == "dk" else v_smem
+            buf[...] = (acc[name] * (st.sm_scale if name == "dk" else 1.0)).astype(dtype)
         plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(k_smem, r["out_0"].at[b, k_rows, h])
-        plgpu.copy_smem_to_gmem(v_smem, r["out_1"].at[b, k_rows, h])
+        for i, name in enumerate(outs):
+            plgpu.copy_smem_to_gmem(k_smem if name == "dk" else v_smem,
+                                    r[f"out_{i}"].at[b, k_rows, h])
         plgpu.wait_smem_to_gmem(0)
 
 
-def _dkv(st: mc.Static, q, k, v, do, lse2, delta, meta, tables, q_seg, kv_seg, tiles):
+def _dkv(st: mc.Static, q, k, v, do, lse2, delta, meta, tables, q_seg, kv_seg, tiles, *,
+         part: str):
+    """``part``: "dkv" (both, one pass) or "dk" / "dv" alone (one accumulator per warpgroup)."""
     B, Sp, N, D = k.shape
     stages = st.opts.stages
     bias = tiles is not None
-    ins = dict(q=q, k=k, v=v, do=do, lse=lse2, delta=delta, meta=meta,
-               counts=tables.cols.counts, indices=tables.cols.indices, qseg=q_seg,
-               kseg=kv_seg, tiles_t=tiles.tiles_t if bias else None,
-               far=tiles.far if bias else None)
+    ins = mc.backward_inputs(q, k, v, do, lse2, delta, meta, tables.cols, q_seg, kv_seg,
+                             tiles_t=tiles.tiles_t if bias else None,
+                             far=tiles.far if bias else None)
     scratch = dict(
         k_smem=mc.smem_tiles(COMPUTE_WGS, BLOCK, D, k.dtype),
         v_smem=mc.smem_tiles(COMPUTE_WGS, BLOCK, D, k.dtype),
@@ -309,15 +271,13 @@ def _dkv(st: mc.Static, q, k, v, do, lse2, delta, meta, tables, q_seg, kv_seg, t
         q_consumed=mc.barriers(stages, COMPUTE_WGS),
         do_consumed=mc.barriers(stages, COMPUTE_WGS))
     _segment_scratch(scratch, st, stages)
-    if bias:
-        scratch["bias_smem"] = mc.smem_f32_tiles(stages * COMPUTE_WGS)
-        scratch["bias_ready"] = mc.barriers(stages * COMPUTE_WGS)
-    out_type = (jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype))
-    dk, dv = mc.launch(functools.partial(_dkv_kernel, st=st, stages=stages, dtype=k.dtype), ins,
-                       out_type, scratch, grid=(N, Sp // mc.TILE, B),
-                       grid_names=("heads", "kv_seq", "batch"), opts=st.opts,
-                       name="t5_mosaic_bwd_dkv")
-    return dk, dv
+    bias_scratch(scratch, st, stages)
+    out_type = [jax.ShapeDtypeStruct(k.shape, k.dtype) for _ in _PARTS[part]]
+    outs = mc.launch(functools.partial(_dkv_kernel, st=st, stages=stages, dtype=k.dtype,
+                                       part=part), ins, out_type, scratch,
+                     grid=(N, Sp // mc.TILE, B), grid_names=("heads", "kv_seq", "batch"),
+                     opts=st.opts, name=f"t5_mosaic_bwd_{part}")
+    return dict(zip(_PARTS[part], outs))
 
 
 def backward(st: mc.Static, q, k, v, do, lse2, delta, meta, tables, q_seg, kv_seg, tiles):
@@ -325,7 +285,10 @@ def backward(st: mc.Static, q, k, v, do, lse2, delta, meta, tables, q_seg, kv_se
     kernel's ``[N, hi - lo + 1, 64, 64]`` and the dq kernel's ``[B, N, 2, Tp]`` far row sums."""
     args = (st, q, k, v, do, lse2, delta, meta, tables, q_seg, kv_seg, tiles)
     dq, far_rows = _dq(*args)
-    dk, dv = _dkv(*args)
+    grads = {}
+    for part in (("dk", "dv") if st.dkv_split else ("dkv",)):
+        grads.update(_dkv(*args, part=part))
+    dk, dv = grads["dk"], grads["dv"]
     band_sums = None
     if tiles is not None and st.band is not None:
         from jt5.pallas_kernels.mosaic_band import band

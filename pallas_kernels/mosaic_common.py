@@ -23,7 +23,7 @@ import inspect
 import math
 import os
 import threading
-from typing import Callable, Optional, Sequence
+from typing import Callable, NamedTuple, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -31,15 +31,16 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from jt5.pallas_kernels.spec import Mask, RelativeBias
+from jt5.pallas_kernels.spec import Mask, RelativeBias, visible
 
 BLOCK = 64            # rows per compute warpgroup, keys per streamed block
 COMPUTE_WGS = 2       # compute warpgroups per CTA (a CTA covers TILE = 128 rows)
 TILE = COMPUTE_WGS * BLOCK
 LOG2E = math.log2(math.e)
 SEMANTICS = ("lane", "warpgroup")
-# Register split of FA3: the memory warpgroup needs few, the compute ones take the rest.
-_MEMORY_REGS, _COMPUTE_REGS = 40, 232
+# Registers per thread (setmaxnreg), FA3's split: the memory warpgroup keeps few, the two compute
+# ones take the rest of the SM's 64K.
+_MEMORY_REGS, _COMPUTE_REGS = 24, 240
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,6 +123,7 @@ class Static:
     bidirectional: bool     # the bias' bucket rule
     max_distance: int
     opts: Options
+    dkv_split: bool = False  # dk and dv by separate kernels (one accumulator each: head dim 128)
 
     def bias(self, table) -> RelativeBias:
         return RelativeBias(table, bidirectional=self.bidirectional,
@@ -174,6 +176,12 @@ def launch(body, inputs: dict, out_type, scratch: dict, *, grid, grid_names, opt
                         thread_name="wg", compiler_params=opts.compiler_params(),
                         interpret=opts.interpret_params())
     return call(*(inputs[k] for k in names))
+
+
+def backward_inputs(q, k, v, do, lse2, delta, meta, table, q_seg, kv_seg, **bias) -> dict:
+    """The backward kernels' operands by name (``launch`` drops the None ones)."""
+    return dict(q=q, k=k, v=v, do=do, lse=lse2, delta=delta, meta=meta, counts=table.counts,
+                indices=table.indices, qseg=q_seg, kseg=kv_seg, **bias)
 
 
 # ---------------------------------------------------------------------------- shared memory types
@@ -265,6 +273,29 @@ def broadcast_cols(x, shape):
     return lax.broadcast_in_dim(x, shape, [1])
 
 
+def mask_tile(x, fill, st: Static, shape, *, q_first, k_first, q_ids=None, k_ids=None,
+              transposed: bool = False, positions=None):
+    """``x`` where ``spec.visible`` holds on this ``[64, 64]`` tile (rows = queries, or keys when
+    ``transposed``), ``fill`` elsewhere; ``(x, applied)``. ``q_ids``/``k_ids``: the per-query /
+    per-key segment id vectors (None: absent). ``positions``: the tile's (query, key) index
+    iotas made once before the loop (else made here): ptxas keeps the dq and dk kernels at head
+    dim 128 spill-free with them hoisted and spills a few bytes without (compile gate). The
+    position conditions and the segment ones are applied one after the other."""
+    q_dim, k_dim = (1, 0) if transposed else (0, 1)
+    along = lambda v, dim: None if v is None else (   # noqa: E731
+        broadcast_rows(v, shape) if dim == 0 else broadcast_cols(v, shape))
+    applied = False
+    q_iota, k_iota = positions if positions is not None else (iota(shape, q_dim, st.opts),
+                                                               iota(shape, k_dim, st.opts))
+    vis = visible(q_iota + q_first, k_iota + k_first, None, None, st.mask.patterns)
+    if vis is not None:
+        x, applied = jnp.where(vis, x, fill), True
+    vis = visible(0, 0, along(q_ids, q_dim), along(k_ids, k_dim), Mask())
+    if vis is not None:
+        x, applied = jnp.where(vis, x, fill), True
+    return x, applied
+
+
 # ---------------------------------------------------------------------------- TMA ring
 
 @dataclasses.dataclass(frozen=True)
@@ -298,6 +329,31 @@ def produce(streams: Sequence[Stream], n, stages: int):
     def _drain(t):
         for s in streams:
             plgpu.barrier_wait(s.consumed.at[lax.rem(t, stages)])
+
+
+class Cta(NamedTuple):
+    """Where a CTA is and its row of the block table: batch ``b``, head ``h``, table row
+    ``row`` (grid axis ``row_axis``), the table's batch index, the full and live block counts,
+    and ``q_offset = 64 a + r`` (from the ``meta`` operand)."""
+    b: jax.Array
+    h: jax.Array
+    row: jax.Array
+    bm: jax.Array
+    n_full: jax.Array
+    n_live: jax.Array
+    q_off: jax.Array
+    a: jax.Array
+
+    def block(self, r, t):
+        """The t-th live block of this CTA's table row."""
+        return r["indices"][self.bm, self.row, t]
+
+
+def cta(r, st: Static, row_axis: str) -> Cta:
+    b, h, row = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index(row_axis)
+    bm = b if st.batched_tables else 0
+    return Cta(b, h, row, bm, r["counts"][bm, row, 0], r["counts"][bm, row, 1], r["meta"][0],
+               r["meta"][1])
 
 
 def memory_warpgroup(fn):

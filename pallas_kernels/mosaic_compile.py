@@ -2,18 +2,21 @@
 (dtype x head dim x mask kind, forward and backward) through XLA's GPU pipeline and jax's CUDA
 plugin (deviceless: ``gpu_targets.topology``), with ptxas' register and spill report.
 
-    python -m jt5.pallas_kernels.compile_check --kernels mosaic [--semantics lane,warpgroup]
+    python -m jt5.pallas_kernels.mosaic_compile [--semantics lane,warpgroup] [--json out.json]
 
 Mosaic GPU lowers and compiles inside XLA's compile of the jitted program; the plugin's ptxas
 prints its ``-v`` report when ``MOSAIC_GPU_DUMP_PTXAS=1`` (read per compile), captured here from
 the process' file descriptors. Shared memory is checked by Mosaic GPU's lowering itself (227 KiB
 on sm_90a: "exceeds available shared memory"); the bytes each kernel asks for are recorded from
 its launch when the jax version exposes them. A kernel fails the gate on a compile error or any
-spill.
+spill. The rows and table are ``compile_check``'s (its Triton gate sits beside this one).
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
+import functools
+import json
 import os
 import re
 import sys
@@ -25,10 +28,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jt5.pallas_kernels.compile_check import (FLASH_MASKS, _flash_mask, format_row,
+                                              markdown_table, problems)
 from jt5.pallas_kernels.spec import RelativeBias
 from jt5.pallas_kernels.triton_compile import parse_ptxas_log
 
-KERNELS = ("t5_mosaic_fwd", "t5_mosaic_bwd_dq", "t5_mosaic_bwd_dkv", "t5_mosaic_bwd_band")
+KERNELS = ("t5_mosaic_fwd", "t5_mosaic_bwd_dq", "t5_mosaic_bwd_dkv", "t5_mosaic_bwd_dk",
+           "t5_mosaic_bwd_dv", "t5_mosaic_bwd_band")
 ARCH = "sm_90a"
 _ENTRY = re.compile(r"Compiling entry function '(\w+?)_mosaic_gpu_kernel' for '(\w+)'")
 _LOCK = threading.Lock()
@@ -101,7 +107,6 @@ def split_ptxas_log(log: str) -> dict[str, dict]:
 
 
 def _inputs(mask_kind: str, dtype, head_dim: int, sharding):
-    from jt5.pallas_kernels.compile_check import _flash_mask
     T, S = (_L // 2, _L) if mask_kind == "cross" else (_L, _L)
     mask, bidirectional = _flash_mask(mask_kind, _B, T, S)
     sds = lambda shape, dt: jax.ShapeDtypeStruct(shape, dt, sharding=sharding)
@@ -111,10 +116,28 @@ def _inputs(mask_kind: str, dtype, head_dim: int, sharding):
     return mask, bidirectional, (q, kv, kv, table)
 
 
+def kernels(head_dim: int, *, bias: bool) -> list[str]:
+    """The kernels a forward + backward launches: dk and dv apart above head dim 64 (one
+    accumulator per warpgroup), the bias band only with a bias."""
+    split = head_dim > 64
+    return [k for k in KERNELS if not (k == "t5_mosaic_bwd_band" and not bias)
+            and not (k == "t5_mosaic_bwd_dkv" and split)
+            and not (k in ("t5_mosaic_bwd_dk", "t5_mosaic_bwd_dv") and not split)]
+
+
 def compile_config(mask_kind: str, dtype: str, head_dim: int, *, semantics: str = "lane",
                    stages: int = 2, gpu: str = "h100") -> dict[str, dict]:
     """Compile the forward and backward of one configuration for ``gpu``: ``kernel name ->
-    {ok, regs, spill_stores, spill_loads, stack, warnings, shared, error, compile_s}``."""
+    {ok, regs, spill_stores, spill_loads, stack, warnings, shared, error, compile_s}``.
+
+    Remembered per process: the plugin compiles an identical kernel once (a second compile
+    runs no ptxas, so there would be no report to read)."""
+    return {k: dict(v) for k, v in _compile_config(mask_kind, dtype, head_dim, semantics,
+                                                   stages, gpu).items()}
+
+
+@functools.lru_cache(maxsize=None)
+def _compile_config(mask_kind, dtype, head_dim, semantics, stages, gpu):
     from jt5.pallas_kernels import gpu_targets
     from jt5.pallas_kernels.mosaic_attention import mosaic_attention
     topo = gpu_targets.topology(gpu)
@@ -141,7 +164,7 @@ def compile_config(mask_kind: str, dtype: str, head_dim: int, *, semantics: str 
             os.environ.pop("MOSAIC_GPU_DUMP_PTXAS", None)
     elapsed = round(time.perf_counter() - t0, 2)
     found = split_ptxas_log(log[0])
-    expected = [k for k in KERNELS if args[3] is not None or k != "t5_mosaic_bwd_band"]
+    expected = kernels(head_dim, bias=args[3] is not None)
     rows = {}
     for name in expected:
         res = found.get(name)
@@ -150,7 +173,8 @@ def compile_config(mask_kind: str, dtype: str, head_dim: int, *, semantics: str 
                    "error": error or "no ptxas report for this kernel"}
         else:
             res = dict(res, ok=True, stage=None, error=None)
-        res["shared"] = next((v for k, v in smem.items() if k.startswith(name)), None)
+        res["shared"] = next((v for k, v in smem.items()
+                              if k == name or k.startswith(name + "_")), None)
         res["compile_s"] = elapsed
         rows[name] = res
     return rows
@@ -161,7 +185,6 @@ def configurations(*, dtypes=("bfloat16", "float16"), head_dims=(64, 128), masks
     """``(mask kind, dtype, head dim, semantics)`` of every launch the model can make: the
     Triton gate's mask kinds (``compile_check.FLASH_MASKS``), both 16-bit dtypes, T5's head
     dims."""
-    from jt5.pallas_kernels.compile_check import FLASH_MASKS
     masks = FLASH_MASKS if masks is None else masks
     for m in masks:
         if m not in FLASH_MASKS:
@@ -171,7 +194,6 @@ def configurations(*, dtypes=("bfloat16", "float16"), head_dims=(64, 128), masks
 
 def run_check(configs, *, log=None) -> list[dict]:
     """One ``compile_check``-style row per (configuration, kernel)."""
-    from jt5.pallas_kernels.compile_check import format_row, problems
     rows = []
     for mask, dtype, head_dim, semantics in configs:
         for kernel, res in compile_config(mask, dtype, head_dim, semantics=semantics).items():
@@ -185,3 +207,36 @@ def run_check(configs, *, log=None) -> list[dict]:
             if log:
                 log(format_row(row))
     return rows
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 epilog=__doc__.split("\n\n", 2)[2])
+    ap.add_argument("--dtypes", default="bfloat16,float16")
+    ap.add_argument("--head-dims", default="64,128")
+    ap.add_argument("--masks", default=",".join(FLASH_MASKS))
+    ap.add_argument("--semantics", default="lane", help="lane and/or warpgroup")
+    ap.add_argument("--json", default=None, metavar="PATH", help="also write the rows as JSON")
+    args = ap.parse_args(argv)
+    configs = configurations(dtypes=tuple(args.dtypes.split(",")),
+                             head_dims=tuple(map(int, args.head_dims.split(","))),
+                             masks=tuple(args.masks.split(",")),
+                             semantics=tuple(args.semantics.split(",")))
+    print(f"{ARCH}: {len(configs)} Mosaic GPU configurations", file=sys.stderr)
+    t0 = time.perf_counter()
+    rows = run_check(configs, log=lambda s: print("  " + s, file=sys.stderr))
+    elapsed = time.perf_counter() - t0
+    failed = [r for r in rows if r["problems"]]
+    print(markdown_table(rows))
+    print(f"\n{len(rows)} kernel rows, {len(failed)} failing, {elapsed:.0f} s; jax "
+          f"{jax.__version__}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"jax": jax.__version__, "elapsed_s": round(elapsed, 1), "rows": rows},
+                      f, indent=1)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -21,23 +21,10 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from jt5.pallas_kernels import mosaic_common as mc
 from jt5.pallas_kernels.mosaic_common import BLOCK, COMPUTE_WGS, LOG2E
-from jt5.pallas_kernels.spec import MASK_VALUE, visible
+from jt5.pallas_kernels.spec import MASK_VALUE
 
 # In-kernel (base-2) lse of a row without any visible key: exp2(s - lse) underflows to 0.
 EMPTY_LSE = -MASK_VALUE
-
-
-def masked_scores(st: mc.Static, s, *, q_pos, k_first, q_seg, kseg_slot):
-    """``(scores, visible)`` of a partial block: ``spec.visible`` on the tile's positions and
-    segment ids; masked scores are MASK_VALUE."""
-    k_pos = mc.iota(s.shape, 1, st.opts) + k_first
-    k_seg = None
-    if st.kv_seg:
-        k_seg = mc.broadcast_cols(mc.load_vector(kseg_slot, 0, st.opts), s.shape)
-    vis = visible(q_pos, k_pos, q_seg, k_seg, st.mask)
-    if vis is None:
-        return s, None
-    return jnp.where(vis, s, MASK_VALUE), vis
 
 
 def add_bias(s, st: mc.Static, e, *, tile, ready, far):
@@ -52,45 +39,56 @@ def add_bias(s, st: mc.Static, e, *, tile, ready, far):
     return lax.cond(jnp.abs(e) <= st.near, near_tile, far_value)
 
 
-def _kernel(r, *, st: mc.Static, stages: int, dtype):
-    b, h, qt = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("q_seq")
-    bm = b if st.batched_tables else 0
-    n_full, n_live = r["counts"][bm, qt, 0], r["counts"][bm, qt, 1]
-    q_off, a = r["meta"][0], r["meta"][1]
-    bias = st.near is not None
+def copy_near_tiles(r, st: mc.Static, tiles, h, slot, offsets):
+    """TMA the bias tile of each compute warpgroup's block offset into its ring slot when the
+    offset is within ``near`` (beyond it the kernels add a scalar and wait for nothing)."""
+    for w, e in enumerate(offsets):
+        @pl.when(jnp.abs(e) <= st.near)
+        def _tile():
+            i = slot * len(offsets) + w
+            plgpu.copy_gmem_to_smem(tiles.at[h, e + st.near], r["bias_smem"].at[i],
+                                    r["bias_ready"].at[i])
 
-    def key_block(t):
-        return r["indices"][bm, qt, t]
 
-    def offset(kb, w):   # bias tile offset of key block kb for warpgroup w's query block
-        return kb - (qt * COMPUTE_WGS + w) - a
-
+def kv_streams(r, st: mc.Static, *, b, h, key_block, offset):
+    """The memory warpgroup's streams over key blocks ``key_block(t)``: K with its segment ids
+    and the near bias tiles (``offset(kb, w)``), then V (forward and dq kernels)."""
     def k_copies(t, slot):
         kb = key_block(t)
         rows = pl.ds(kb * BLOCK, BLOCK)
-        plgpu.copy_gmem_to_smem(r["k"].at[b, rows, h], r["k_smem"].at[slot],
-                                r["k_ready"].at[slot])
+        ready = r["k_ready"].at[slot]
+        plgpu.copy_gmem_to_smem(r["k"].at[b, rows, h], r["k_smem"].at[slot], ready)
         if st.kv_seg:
-            plgpu.copy_gmem_to_smem(r["kseg"].at[b, rows], r["kseg_smem"].at[slot],
-                                    r["k_ready"].at[slot])
-        if bias:
-            for w in range(COMPUTE_WGS):
-                e = offset(kb, w)
-
-                @pl.when(jnp.abs(e) <= st.near)
-                def _tile():
-                    plgpu.copy_gmem_to_smem(r["tiles"].at[h, e + st.near],
-                                            r["bias_smem"].at[slot * COMPUTE_WGS + w],
-                                            r["bias_ready"].at[slot * COMPUTE_WGS + w])
+            plgpu.copy_gmem_to_smem(r["kseg"].at[b, rows], r["kseg_smem"].at[slot], ready)
+        if st.near is not None:
+            copy_near_tiles(r, st, r["tiles"], h, slot,
+                            [offset(kb, w) for w in range(COMPUTE_WGS)])
 
     def v_copies(t, slot):
-        rows = pl.ds(key_block(t) * BLOCK, BLOCK)
-        plgpu.copy_gmem_to_smem(r["v"].at[b, rows, h], r["v_smem"].at[slot],
-                                r["v_ready"].at[slot])
+        plgpu.copy_gmem_to_smem(r["v"].at[b, pl.ds(key_block(t) * BLOCK, BLOCK), h],
+                                r["v_smem"].at[slot], r["v_ready"].at[slot])
+    return [mc.Stream(k_copies, r["k_consumed"]), mc.Stream(v_copies, r["v_consumed"])]
+
+
+def bias_scratch(scratch: dict, st: mc.Static, stages: int) -> dict:
+    """Ring slots (one per stage and compute warpgroup) for the near bias tiles."""
+    if st.near is not None:
+        scratch["bias_smem"] = mc.smem_f32_tiles(stages * COMPUTE_WGS)
+        scratch["bias_ready"] = mc.barriers(stages * COMPUTE_WGS)
+    return scratch
+
+
+def _kernel(r, *, st: mc.Static, stages: int, dtype):
+    c = mc.cta(r, st, "q_seq")
+    b, h, qt, n_full, n_live, q_off = c.b, c.h, c.row, c.n_full, c.n_live, c.q_off
+    bias = st.near is not None
+    key_block = functools.partial(c.block, r)
+
+    def offset(kb, w):   # bias tile offset of key block kb for warpgroup w's query block
+        return kb - (qt * COMPUTE_WGS + w) - c.a
 
     mc.memory_warpgroup(lambda: mc.produce(
-        [mc.Stream(k_copies, r["k_consumed"]), mc.Stream(v_copies, r["v_consumed"])],
-        n_live, stages))
+        kv_streams(r, st, b=b, h=h, key_block=key_block, offset=offset), n_live, stages))
 
     def schedule():
         plgpu.barrier_arrive(r["schedule"])
@@ -107,10 +105,7 @@ def _kernel(r, *, st: mc.Static, stages: int, dtype):
                                     r["q_ready"].at[w])
         plgpu.barrier_wait(r["q_ready"].at[w])
         shape = (BLOCK, BLOCK)
-        q_pos = mc.iota(shape, 0, st.opts) + (q_off + qb * BLOCK)
-        q_seg = None
-        if st.q_seg:
-            q_seg = mc.broadcast_rows(mc.load_vector(r["qseg_smem"].at[w], 1, st.opts), shape)
+        q_ids = mc.load_vector(r["qseg_smem"].at[w], 1, st.opts) if st.q_seg else None
         far = (r["far"][h, 0], r["far"][h, 1]) if bias else None
         pl.when(w == 1)(schedule)
 
@@ -125,16 +120,18 @@ def _kernel(r, *, st: mc.Static, stages: int, dtype):
                 i = slot * COMPUTE_WGS + w
                 s = add_bias(s, st, offset(kb, w), tile=r["bias_smem"].at[i],
                              ready=r["bias_ready"].at[i], far=far)
-            vis = None
+            applied = False
             if masked:
-                s, vis = masked_scores(st, s, q_pos=q_pos, k_first=kb * BLOCK, q_seg=q_seg,
-                                       kseg_slot=r["kseg_smem"].at[slot] if st.kv_seg else None)
+                k_ids = (mc.load_vector(r["kseg_smem"].at[slot], 0, st.opts) if st.kv_seg
+                         else None)
+                s, applied = mc.mask_tile(s, MASK_VALUE, st, shape, q_first=q_off + qb * BLOCK,
+                                          k_first=kb * BLOCK, q_ids=q_ids, k_ids=k_ids)
             plgpu.barrier_arrive(r["k_consumed"].at[slot])
             m_new = jnp.maximum(m, s.max(axis=1))
             alpha = jnp.exp2(m - m_new)
             p = jnp.exp2(s - mc.broadcast_rows(m_new, shape))
-            if vis is not None:
-                p = jnp.where(vis, p, 0.0)     # a row with nothing visible yet keeps l == 0
+            if applied:   # a row with nothing visible yet has m_new == MASK_VALUE: keep l == 0
+                p = jnp.where(s == MASK_VALUE, 0.0, p)
             l = l * alpha + p.sum(axis=1)
             acc = acc * mc.broadcast_rows(alpha, acc.shape)
             p16 = p.astype(dtype)
@@ -186,9 +183,7 @@ def forward(st: mc.Static, q, k, v, meta, tables, q_seg, kv_seg, bias_tiles):
         scratch["qseg_smem"] = plgpu.SMEM((COMPUTE_WGS, BLOCK), jnp.int32)
     if st.kv_seg:
         scratch["kseg_smem"] = plgpu.SMEM((stages, BLOCK), jnp.int32)
-    if st.near is not None:
-        scratch["bias_smem"] = mc.smem_f32_tiles(stages * COMPUTE_WGS)
-        scratch["bias_ready"] = mc.barriers(stages * COMPUTE_WGS)
+    bias_scratch(scratch, st, stages)
     out_type = (jax.ShapeDtypeStruct(q.shape, q.dtype),
                 jax.ShapeDtypeStruct((B, N, Tp), jnp.float32))
     out, lse2 = mc.launch(functools.partial(_kernel, st=st, stages=stages, dtype=q.dtype), ins,

@@ -25,6 +25,7 @@ from jt5.pallas_kernels.mosaic_attention import mosaic_attention
 from jt5.pallas_kernels.reference import attention_reference
 from jt5.pallas_kernels.spec import MASK_VALUE, Mask, RelativeBias
 from tests.conftest import assert_close
+from tests.pallas_kernels.test_flash_attention import _segments
 
 DEADLINE_S = 300
 
@@ -39,15 +40,6 @@ def interpreter(capfd):
         faulthandler.cancel_dump_traceback_later()
         mc.reset_interpreter()
     assert "RACE DETECTED" not in capfd.readouterr().out
-
-
-def _segments(lengths, total):
-    ids = np.zeros(total, np.int32)
-    pos = 0
-    for i, n in enumerate(lengths):
-        ids[pos:pos + n] = i + 1
-        pos += n
-    return ids
 
 
 def _inputs(B, T, S, N, H, dtype, seed=0):

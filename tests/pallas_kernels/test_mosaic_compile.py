@@ -4,6 +4,8 @@ through XLA's GPU pipeline with jax's CUDA plugin on this CPU machine, within sh
 without a register spill (ptxas -v). The Triton kernels' gate is ``test_compile.py``."""
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from jt5.pallas_kernels import gpu_targets
@@ -22,7 +24,7 @@ def test_every_configuration_compiles_for_sm90a_without_spills(semantics):
     assert {c[0] for c in configs} == set(cc.FLASH_MASKS)
     rows = mcc.run_check(configs)
     assert {r["kernel"] for r in rows} == set(mcc.KERNELS)
-    assert len(rows) == len(configs) * 4 - sum(c[0] == "cross" for c in configs)  # no band
+    assert len(rows) == sum(len(mcc.kernels(h, bias=m != "cross")) for m, _, h, _ in configs)
     failing = [cc.format_row(r) for r in rows if r["problems"]]
     assert not failing, f"{len(failing)} of {len(rows)} kernels fail:\n" + "\n".join(failing)
     for r in rows:
@@ -54,11 +56,14 @@ def test_ptxas_report_is_split_per_kernel():
     assert cc.problems(dq, "sm_90a") == ["spills 12 B stored / 8 B loaded"]
 
 
-def test_cli_runs_the_mosaic_gate(capsys):
-    rc = cc.main(["--kernels", "mosaic", "--dtypes", "float16", "--head-dims", "64",
-                  "--masks", "cross"])
+def test_cli_runs_the_gate(capsys, tmp_path):
+    out = tmp_path / "rows.json"
+    rc = mcc.main(["--dtypes", "float16", "--head-dims", "64", "--masks", "cross", "--json",
+                   str(out)])
     table = capsys.readouterr().out
     assert rc == 0 and "| t5_mosaic_fwd | float16 | 64 | cross | 64x64 x2 WG | lane/2 |" in table
     assert "t5_mosaic_bwd_band" not in table      # no bias: no band kernel
+    assert [r["kernel"] for r in json.loads(out.read_text())["rows"]] == [
+        "t5_mosaic_fwd", "t5_mosaic_bwd_dq", "t5_mosaic_bwd_dkv"]
     with pytest.raises(ValueError, match="mask 'causal_only'"):
         mcc.configurations(masks=("causal_only",))
