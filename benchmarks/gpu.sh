@@ -10,6 +10,10 @@
 #   gpu_tests   pytest -m gpu (compiled kernels vs interpret mode vs the reference)
 #   autotune    bounded autotune (time budget) that rewrites pallas_kernels/tuning_table.json
 #               (a copy lands in OUT_DIR); the steps after it use the new table
+#   mosaic      benchmarks/attention.py --mosaic: the Mosaic GPU kernels checked against the
+#               reference at three shapes (Lane lowering, else Warpgroup), then fwd/bwd TFLOP/s
+#               with bias, T=S 512..32k, D 64 and 128, beside the Triton kernels, jax's mgpu FA3
+#               (no bias: the ceiling) and cuDNN with a dense bias
 #   attention   benchmarks/attention.py: jt5 vs Pallas mha (no bias, a ceiling), cuDNN and XLA
 #               with a dense bias; fwd/bwd TFLOP/s and memory, T=S 512..32k, D=64, bf16
 #   encoder     T5-base encoder bf16 at 512 and 8k tokens: jt5 (pallas, xla) vs transformers SDPA;
@@ -71,6 +75,10 @@ if (( DRY )); then
   # CPU: the same scripts and flags paths at tiny sizes, kernels in interpret mode.
   step gpu_tests 300 "$PY" -m pytest -q -m gpu -p no:cacheprovider tests/pallas_kernels/test_tuning.py
   step autotune 300 "$PY" -m jt5.pallas_kernels.tuning --show
+  # Mosaic GPU's interpreter: its warpgroups need >= 4 XLA CPU threads (NPROC) to not deadlock.
+  step mosaic 600 env NPROC="${NPROC:-8}" "$PY" benchmarks/attention.py --cpu-small --mosaic \
+    --lengths 128 --heads 1 --tokens 128 --repeats 1 --json "$OUT_DIR/mosaic.json" \
+    --markdown "$OUT_DIR/mosaic.md"
   step attention 300 "$PY" benchmarks/attention.py --cpu-small --lengths 128 --modes decoder \
     --repeats 1 --json "$OUT_DIR/attention.json" --markdown "$OUT_DIR/attention.md"
   step encoder 300 bash -c '"$1" benchmarks/attention.py --cpu-small --encoder tiny --lengths 64 \
@@ -91,6 +99,8 @@ else
   step autotune 80 "$PY" -m jt5.pallas_kernels.tuning --write --lengths 2048 --head-dims 64 \
     --time-budget-s 55
   cp pallas_kernels/tuning_table.json "$OUT_DIR/tuning_table.json"
+  step mosaic 150 "$PY" benchmarks/attention.py --mosaic --lengths 512,2048,8192,32768 \
+    --head-dim 64,128 --repeats 10 --json "$OUT_DIR/mosaic.json" --markdown "$OUT_DIR/mosaic.md"
   step attention 110 "$PY" benchmarks/attention.py --lengths 512,2048,8192,32768 --repeats 10 \
     --json "$OUT_DIR/attention.json" --markdown "$OUT_DIR/attention.md"
   step encoder 150 bash -c '"$1" benchmarks/attention.py --encoder t5-base --lengths 512,8192 \
@@ -122,7 +132,7 @@ json.dump({"dry_run": dry, "env": env, "python": platform.python_version(), "ste
 md = [f"# benchmarks/gpu.sh{' --dry-run' if dry else ''}", "", env, "",
       "| step | status | seconds | detail |", "|---|---|---|---|"]
 md += [f"| {s['step']} | {s['status']} | {s['seconds']} | {s['detail']} |" for s in steps]
-for name in ("attention", "encoder", "long_encoder", "plan_check"):
+for name in ("mosaic", "attention", "encoder", "long_encoder", "plan_check"):
     p = os.path.join(out, f"{name}.md")
     if os.path.exists(p):
         md += ["", f"## {name}", "", open(p).read().strip()]

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-STEPS = ["gpu_tests", "autotune", "attention", "encoder", "generate", "train", "plan"]
+STEPS = ["gpu_tests", "autotune", "mosaic", "attention", "encoder", "generate", "train", "plan"]
 
 
 # ~70 s on 2 idle cores (six Python processes, each compiling jax programs): in CI on purpose,
@@ -37,6 +37,9 @@ def test_gpu_script_dry_run(tmp_path):
     assert "| attention | ok |" in md and "## encoder" in md and "jt5_pallas" in md
     assert {r["impl"] for r in json.loads((out / "attention.json").read_text())["rows"]} >= {
         "jt5_flash", "pallas_mha", "dpa_xla"}
+    mosaic = json.loads((out / "mosaic.json").read_text())   # interpreted Mosaic GPU kernels
+    assert mosaic["mosaic_check"]["semantics"] == "lane" and len(mosaic["rows"]) == 2
+    assert all("fwd_s" in r for r in mosaic["rows"]) and "## mosaic" in md
     # jt5 plan's prediction beside each measured job (no GPU here: the CPU compile's temps)
     from jt5.pallas_kernels.gpu_targets import has_plugin
     if not has_plugin():
