@@ -15,11 +15,9 @@ interpreter (``interpret=None`` decides by backend), with its race detector.
 from __future__ import annotations
 
 import functools
-from typing import Optional
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from jt5.pallas_kernels import mosaic_common as mc
 from jt5.pallas_kernels import mosaic_tables as mt

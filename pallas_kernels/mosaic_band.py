@@ -28,7 +28,7 @@ from jt5.pallas_kernels.mosaic_common import BLOCK, COMPUTE_WGS, LOG2E
 _STAGES = COMPUTE_WGS     # warpgroup w consumes the steps t = w (mod 2): ring slot w
 
 
-def _band_kernel(r, *, st: mc.Static, dtype):
+def _band_kernel(r, *, st: mc.Static):
     c = mc.cta(r, st, "offset")
     b, h, ei, n_full, n_live, q_off = c.b, c.h, c.row, c.n_full, c.n_live, c.q_off
     query_block = functools.partial(c.block, r)
@@ -115,7 +115,7 @@ def band(st: mc.Static, q, k, v, do, lse2, delta, meta, tables, q_seg, kv_seg, t
     if st.kv_seg:
         scratch["kseg_smem"] = plgpu.SMEM((_STAGES, BLOCK), jnp.int32)
     out_type = [jax.ShapeDtypeStruct((B, N, n_off, COMPUTE_WGS, BLOCK, BLOCK), jnp.float32)]
-    (partial,) = mc.launch(functools.partial(_band_kernel, st=st, dtype=q.dtype), ins, out_type,
+    (partial,) = mc.launch(functools.partial(_band_kernel, st=st), ins, out_type,
                            scratch, grid=(N, n_off, B), grid_names=("heads", "offset", "batch"),
                            opts=st.opts, name="t5_mosaic_bwd_band")
     return partial.sum(axis=(0, 3))
