@@ -100,8 +100,12 @@ def kernel_failure(device=None) -> Optional[str]:
 
 @functools.lru_cache(maxsize=None)
 def _kernel_failure(platform: str, kind: str, device) -> Optional[str]:
+    import concurrent.futures
     try:
-        _compile_probe(device)
+        # In a thread of its own: resolve_impl runs while a model is traced, often under a
+        # mesh, and jax's trace and mesh contexts are per thread.
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            pool.submit(_compile_probe, device).result()
     except Exception as e:  # noqa: BLE001  (whatever the lowering or the compiler raises)
         reason = " ".join(str(e).split())[:300] or type(e).__name__
         logging.getLogger(__name__).warning(

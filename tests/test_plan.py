@@ -129,9 +129,23 @@ def test_auto_falls_back_to_xla_with_one_warning_when_the_kernels_fail(monkeypat
 
 
 @needs_plugin
-def test_kernel_probe_compiles_for_an_h100():
-    from jt5.attention_ops import kernel_failure
-    assert kernel_failure(gpu_targets.topology("h100").devices[0]) is None
+def test_kernel_probe_compiles_for_an_h100_while_a_model_is_traced_under_a_mesh():
+    """``auto`` is resolved while the model is traced, usually under a training mesh: the probe
+    must still compile for its device (it runs in a thread of its own)."""
+    from jt5 import attention_ops, sharding
+
+    attention_ops._kernel_failure.cache_clear()
+    h100 = gpu_targets.topology("h100").devices[0]
+    found = []
+
+    def traced(x):
+        found.append(attention_ops.kernel_failure(h100))
+        return x
+
+    with jax.set_mesh(sharding.make_mesh("data=1", jax.devices()[:1])):
+        jax.jit(traced).lower(1.0)
+    attention_ops._kernel_failure.cache_clear()
+    assert found == [None]
 
 
 # -- the gate --------------------------------------------------------------------------------
