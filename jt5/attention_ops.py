@@ -1,4 +1,5 @@
-"""The ONE attention dispatch the model calls: ``attention="xla" | "pallas" | "auto"``.
+"""The ONE attention dispatch the model calls: ``attention="xla" | "pallas" | "mosaic" | "cudnn"
+| "auto"``.
 
 Each implementation of the contract is an :class:`Impl`: ``prepare`` runs once per stack
 (encoder or decoder) and returns its own pytree of what every layer shares, ``attend`` runs per

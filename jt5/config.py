@@ -88,7 +88,7 @@ class T5Config:
     # The residual stream between sublayers; None: float32 (also in bfloat16/float16 mode: it
     # brings bf16 within nai-t5's error of float32, benchmarks/bf16_accuracy.py).
     residual_dtype: Optional[str] = None
-    attention: str = "auto"  # "xla" | "pallas" | "auto" (pallas on GPU, xla elsewhere)
+    attention: str = "auto"  # ATTENTION_IMPLS; auto: pallas on a GPU that compiles it, else xla
     dropout_rate: float = 0.0
     # Lookup as one_hot @ table (always used when the mesh shards the vocabulary).
     one_hot_embedding: bool = False

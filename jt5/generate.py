@@ -282,7 +282,8 @@ def _prepare(model, input_ids, attention_mask, r: Resolved):
 
     beam = r.num_beams > 1
     cache_length = n
-    if resolve_impl(cfg.attention) == "pallas":  # whole Triton tiles: no padding copy per step
+    if resolve_impl(cfg.attention) in ("pallas", "mosaic"):  # both decode on the Triton kernel:
+        # whole tiles, no padding copy per step
         cache_length = -(-n // 16) * 16
     proc_st, proc_kn = processors.build(r, cfg.vocab_size, beam=beam)
     st = _Static(beam=beam, max_new_tokens=n, cache_length=cache_length,

@@ -102,10 +102,11 @@ class GlobalPlan:
 
 def global_impl(config: T5Config, length: int) -> str:
     """``"dense"`` below the XLA path's switch-over (``ops.CHUNKED_MIN_ELEMENTS`` query x key
-    positions, side keys included), ``"chunked"`` above it; ``"pallas"`` under the kernels."""
+    positions, side keys included), ``"chunked"`` above it; ``"pallas"`` / ``"mosaic"`` under
+    those kernels (the window on the flash kernel with its lse)."""
     impl = ops.resolve_impl(config.attention)
-    if impl == "pallas":
-        return "pallas"
+    if impl in ("pallas", "mosaic"):
+        return impl
     keys = length + length // config.global_block_size
     return "chunked" if length * keys >= ops.CHUNKED_MIN_ELEMENTS else "dense"
 
@@ -364,10 +365,12 @@ def global_attention(q, k, v, side_k, side_v, plan: GlobalPlan):
     B, S = q.shape[:2]
     local = ops.Mask(kv_segment_ids=jnp.broadcast_to(plan.is_token, (B, S)).astype(jnp.int32),
                      local_window=plan.local_radius)
-    if plan.impl == "pallas":  # the flash kernel skips the key blocks outside the window
-        from jt5.pallas_kernels import flash_attention  # the kernels import Pallas: lazily
-        loc, lse_loc = ops.per_shard(flash_attention, q, k, v, local, plan.local_bias,
-                                     return_lse=True)
+    if plan.impl in ("pallas", "mosaic"):  # the kernels skip key blocks outside the window
+        if plan.impl == "pallas":  # the kernels import Pallas: lazily
+            from jt5.pallas_kernels import flash_attention as kernel
+        else:
+            from jt5.pallas_kernels.mosaic_attention import mosaic_attention as kernel
+        loc, lse_loc = ops.per_shard(kernel, q, k, v, local, plan.local_bias, return_lse=True)
     else:
         loc, lse_loc = chunked.window_attention(q, k, v, local, plan.local_bias)
     side, lse_side = side_attention(q, side_k, side_v, plan)

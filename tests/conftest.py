@@ -39,6 +39,7 @@ TOLERANCE = {
     ("float16", "kl"): 5e-4,
     # bfloat16 whole model, one attention implementation vs another (elementwise, relative):
     # tiny T5, mosaic vs xla measured 6.5e-5 (loss) / 1.6e-2 (grads); bf16 vs f32 xla: 1.5e-2
+    ("bfloat16", "hidden"): 2e-2,
     ("bfloat16", "loss"): 1e-3,
     ("bfloat16", "grad"): 5e-2,
     # int8 weights on int8 activations (jt5.layers.matmul, int8_compute) on tests/hf_models'

@@ -66,3 +66,22 @@ def test_mosaic_needs_16_bit_activations():
     ids = jnp.ones((1, 8), jnp.int32)
     with pytest.raises(ValueError, match="bfloat16 or float16 .*dtype='bfloat16'"):
         jt5.init_model(cfg, seed=0)(ids, ids)
+
+
+def test_mosaic_transient_global_encoder_matches_xla():
+    """LongT5 transient-global under "mosaic": the local window on the Mosaic kernel with its
+    lse, merged with the side keys (``longt5.global_attention``), equals the dense XLA plan."""
+    from jt5 import longt5
+    cfg = {impl: jt5.preset("tiny", attention=impl, dtype="bfloat16", d_model=48, num_heads=2,
+                            d_kv=32, d_ff=64, num_layers=1, relative_attention_max_distance=20,
+                            model_type="longt5", encoder_attention_type="transient-global",
+                            local_radius=40, global_block_size=16)
+           for impl in ("xla", "mosaic")}
+    assert longt5.global_impl(cfg["mosaic"], 150) == "mosaic"
+    rng = np.random.default_rng(1)
+    ids = jnp.asarray(rng.integers(2, 384, (1, 150)))
+    mask = jnp.asarray((np.arange(150) < 137)[None].astype(np.int32))
+    out = {impl: np.asarray(nnx.jit(lambda m: m(ids, mask))(
+        jt5.init_model(c, jt5.T5EncoderModel, seed=5)), np.float32) for impl, c in cfg.items()}
+    assert_close(out["mosaic"], out["xla"], dtype="bfloat16", check="hidden",
+                 what="transient-global encoder")
