@@ -12,17 +12,11 @@ batches from ``train/data.py`` (packed, built before timing), over a mesh of all
 (``--mesh``). Timed: ``--steps`` steps after ``--warmup`` untimed ones (the first compiles),
 one ``block_until_ready`` at the end.
 
-Model FLOPs per step (training = 3 x forward: forward + 2 x backward; recomputation from
-``--remat`` or inside the flash-attention backward is *not* counted, as MFU requires)::
-
-    matmuls    6 * sum over weight matrices of (parameters x tokens the matrix is applied to)
-               = 6 * (P_enc * B*S + P_dec_self_mlp * B*T + P_cross_q_o * B*T
-                      + P_cross_k_v * B*S + D*V * B*T)          (the LM head; embedding: 0)
-    attention  3 * (4*B*N*S*S*H * L_enc + (2*B*N*T*T*H + 4*B*N*T*S*H) * L_dec)
-               (QK^T and PV, 2 FLOPs per multiply-add; decoder self-attention causal = half)
-
-with S = inputs length, T = targets length, over *all* token slots (padding included: the
-device computes it). Not counted: norms, softmax, bias, activations, optimizer. MFU = FLOPs/s
+Model FLOPs per step: ``jt5.plan.flops.train_step`` (what ``jt5 plan`` counts; training = 3 x
+forward, recomputation from ``--remat`` or inside the flash-attention backward *not* counted, as
+MFU requires; attention over the visible query-key pairs, the decoder's causal half), over
+*all* token slots (padding included: the device computes it). Not counted: norms, softmax,
+bias, activations, optimizer. MFU = FLOPs/s
 per device / ``--peak-tflops`` (default 989: H100 SXM dense bf16). CPU numbers are only a smoke
 test: MFU against a GPU peak means nothing there, and the kernels run in interpret mode.
 """
@@ -42,22 +36,9 @@ from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 
 import jt5  # noqa: E402
 from jt5 import sharding  # noqa: E402
+from jt5.plan.flops import train_step as train_step_flops  # noqa: E402
 from jt5.train import step as step_lib  # noqa: E402
 from jt5.train.data import FEATURES, DataConfig, Pipeline  # noqa: E402
-
-
-def model_flops(cfg: jt5.T5Config, B: int, S: int, T: int) -> dict:
-    """Training FLOPs of one step of B rows (S input, T target slots); see the module docstring."""
-    D, F, N, H, V = cfg.d_model, cfg.d_ff, cfg.num_heads, cfg.d_kv, cfg.vocab_size
-    mlp = (3 if cfg.is_gated else 2) * D * F
-    attn = 4 * D * N * H
-    enc = cfg.num_layers * (attn + mlp) * B * S
-    dec = cfg.num_decoder_layers * ((attn + D * N * H * 2 + mlp) * B * T + D * N * H * 2 * B * S)
-    head = D * V * B * T
-    matmul = 6.0 * (enc + dec + head)
-    attention = 3.0 * (4.0 * B * N * S * S * H * cfg.num_layers
-                       + (2.0 * B * N * T * T * H + 4.0 * B * N * T * S * H) * cfg.num_decoder_layers)
-    return {"matmul": matmul, "attention": attention, "total": matmul + attention}
 
 
 def bench_one(cfg: jt5.T5Config, optim: step_lib.OptimConfig, mesh, batches: list, steps: int,
@@ -319,27 +300,27 @@ def main(argv=None):
     if base.vocab_size < data.vocab_size:
         base = base.replace(vocab_size=data.vocab_size)
     optim = step_lib.OptimConfig(optimizer=args.optimizer, warmup_steps=1, total_steps=1000)
-    flops = model_flops(base, B, S, T)
+    flops = train_step_flops(base, B, S, T)
     n_dev = jax.device_count()
     device = jax.devices()[0].device_kind
     rows = []
     for impl in impls:
         r = bench_one(base.replace(attention=impl), optim, mesh, batches, args.steps, args.warmup)
         slots = B * (S + T)
-        tflops = flops["total"] / r["step_s"] / n_dev / 1e12
+        tflops = flops.total / r["step_s"] / n_dev / 1e12
         rows.append(dict(attention=impl, preset=args.preset, device=device, devices=n_dev,
                          mesh=dict(mesh.shape), batch=B, inputs_length=S, targets_length=T,
                          dtype=args.dtype, optimizer=args.optimizer, remat=args.remat,
                          step_ms=r["step_s"] * 1e3, tokens_per_s=slots / r["step_s"],
                          real_tokens_per_s=r["real_tokens"] / r["step_s"],
-                         model_tflops_per_step=flops["total"] / 1e12,
-                         attention_flops_share=flops["attention"] / flops["total"],
+                         model_tflops_per_step=flops.total / 1e12,
+                         attention_flops_share=flops.attention / flops.total,
                          tflops_per_device=tflops, mfu=tflops / args.peak_tflops,
                          compile_s=r["compile_s"], loss=r["loss"], temp_bytes=r["temp_bytes"],
                          peak_bytes=r["peak_bytes"]))
     print(f"UL2 train step, {args.preset} ({base.dtype} compute, float32 params, {args.optimizer}), "
           f"B={B} S={S} T={T}, {n_dev} x {device}, mesh {dict(mesh.shape)}; "
-          f"model FLOPs/step {flops['total'] / 1e12:.3f} T ({100 * flops['attention'] / flops['total']:.1f}% attention)")
+          f"model FLOPs/step {flops.total / 1e12:.3f} T ({100 * flops.attention / flops.total:.1f}% attention)")
     head = f"{'attention':>9} {'step ms':>9} {'tokens/s':>11} {'real tok/s':>11} {'TFLOP/s/dev':>11} {'MFU':>7} {'compile s':>9} {'loss':>7}"
     print(head)
     for r in rows:
