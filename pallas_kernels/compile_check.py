@@ -392,14 +392,19 @@ def main(argv=None) -> int:
         print(f"{arch}: {len(configs)} configurations", file=sys.stderr)
         rows += run_check(configs, arch, workers=args.workers,
                           log=lambda s: print("  " + s, file=sys.stderr))
-    elapsed = time.perf_counter() - t0
+    return report(rows, time.perf_counter() - t0, args.json,
+                  f"{len({(r['arch'], r['key']) for r in rows})} distinct compiles, ",
+                  f", triton {rows[0].get('triton') if rows else '?'}")
+
+
+def report(rows: list[dict], elapsed: float, json_path, compiles: str = "", tail: str = "") -> int:
+    """Print the table and its summary line, write ``json_path``; exit status 1 on any problem."""
     failed = [r for r in rows if r["problems"]]
     print(markdown_table(rows))
-    print(f"\n{len(rows)} kernel rows, {len({(r['arch'], r['key']) for r in rows})} distinct "
-          f"compiles, {len(failed)} failing, {elapsed:.0f} s; jax {jax.__version__}, "
-          f"triton {rows[0].get('triton') if rows else '?'}")
-    if args.json:
-        with open(args.json, "w") as f:
+    print(f"\n{len(rows)} kernel rows, {compiles}{len(failed)} failing, {elapsed:.0f} s; jax "
+          f"{jax.__version__}{tail}")
+    if json_path:
+        with open(json_path, "w") as f:
             json.dump({"jax": jax.__version__, "elapsed_s": round(elapsed, 1), "rows": rows},
                       f, indent=1)
     return 1 if failed else 0

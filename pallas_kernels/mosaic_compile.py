@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
-import json
 import os
 import re
 import sys
@@ -28,8 +27,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jt5.pallas_kernels.compile_check import (FLASH_MASKS, _flash_mask, format_row,
-                                              markdown_table, problems)
+from jt5.pallas_kernels.compile_check import (FLASH_MASKS, _flash_mask, format_row, problems,
+                                              report)
 from jt5.pallas_kernels.spec import RelativeBias
 from jt5.pallas_kernels.triton_compile import parse_ptxas_log
 
@@ -226,16 +225,7 @@ def main(argv=None) -> int:
     print(f"{ARCH}: {len(configs)} Mosaic GPU configurations", file=sys.stderr)
     t0 = time.perf_counter()
     rows = run_check(configs, log=lambda s: print("  " + s, file=sys.stderr))
-    elapsed = time.perf_counter() - t0
-    failed = [r for r in rows if r["problems"]]
-    print(markdown_table(rows))
-    print(f"\n{len(rows)} kernel rows, {len(failed)} failing, {elapsed:.0f} s; jax "
-          f"{jax.__version__}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"jax": jax.__version__, "elapsed_s": round(elapsed, 1), "rows": rows},
-                      f, indent=1)
-    return 1 if failed else 0
+    return report(rows, time.perf_counter() - t0, args.json)
 
 
 if __name__ == "__main__":
