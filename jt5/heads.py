@@ -93,6 +93,7 @@ class ClassificationHead(nnx.Module):
 
 def shift_right(input_ids, start_id: int):
     """The decoder input transformers' heads build from the input: ``[start, x0, .., x_{S-2}]``."""
+    input_ids = jnp.asarray(input_ids)  # numpy int64 ids become jax's int32 here, once
     start = jnp.full(input_ids.shape[:-1] + (1,), start_id, input_ids.dtype)
     return jnp.concatenate([start, input_ids[..., :-1]], axis=-1)
 
