@@ -6,7 +6,11 @@ Each :class:`Rule` pairs one jt5 parameter path with one transformers key and a 
 - ``linear``: ``torch.nn.Linear`` stores ``[out, in]``; jt5 stores ``[in, out]`` (transpose);
 - ``qkv``: ``[N*H, D]`` <-> ``[D, N, H]``; ``o``: ``[D, N*H]`` <-> ``[N, H, D]``;
 - ``scale``: a quantised weight's per-output-channel scales (``<key>.weight_scale``, flat in the
-  file; ``jt5/quant.py``), e.g. ``[N*H]`` <-> ``[N, H]``.
+  file; ``jt5/quant.py``), e.g. ``[N*H]`` <-> ``[N, H]``;
+- ``group_scale``: its group-wise scales (``T5Config.quant_group_size`` = G): ``[out, in/G]`` in
+  the file, as ``weight [out, in]`` (``weight[o, i] * weight_scale[o, i // G]``) <-> jt5's
+  ``[in/G, out...]``, e.g. ``o``: ``[D, N*H/G]`` <-> ``[N*H/G, D]``; ``q``: ``[N*H, D/G]`` <->
+  ``[D/G, N, H]``.
 
 All are transposes/reshapes, so conversion is exact in both directions.
 """
@@ -348,6 +352,8 @@ def hf_shape(rule: Rule) -> tuple:
         return (s[2], s[0] * s[1])
     if rule.kind == "scale":  # per output channel: [N, H] or [out] -> [N*H] or [out]
         return (int(np.prod(s)),)
+    if rule.kind == "group_scale":  # [in/G, N, H] or [in/G, out] -> [N*H, in/G] or [out, in/G]
+        return (int(np.prod(s[1:])), s[0])
     raise ValueError(rule.kind)
 
 
@@ -363,9 +369,11 @@ def to_hf(rule: Rule, w: np.ndarray) -> np.ndarray:
 
 def _quantized(config: T5Config, rules: list[Rule]) -> list[Rule]:
     """A quantised layer's weight is stored as ``<key>.weight`` (int8 / float8_e4m3fn, the float
-    weight's layout) and ``<key>.weight_scale`` (float32, one per output channel); jt5 holds them
-    as ``.../qweight`` and ``.../scale`` (``jt5.layers.QuantizedWeight``)."""
-    kinds = config.quantized_kinds
+    weight's layout) and ``<key>.weight_scale`` (float32, one per output channel, or with
+    ``quant_group_size`` G ``[out, in / G]``: one per G inputs of each output, ``group_scale``;
+    the embedding keeps per-row scales); jt5 holds them as ``.../qweight`` and ``.../scale``
+    (``jt5.layers.QuantizedWeight``)."""
+    kinds, group = config.quantized_kinds, config.quant_group_size
     out = []
     for r in rules:
         kind = quant.layer_kind(r.jt5)
@@ -373,6 +381,8 @@ def _quantized(config: T5Config, rules: list[Rule]) -> list[Rule]:
             out.append(r)
             continue
         out.append(r._replace(jt5=r.jt5 + (quant.QWEIGHT,)))
-        out.append(Rule(r.jt5 + (quant.SCALE,), r.hf + quant.HF_SCALE_SUFFIX, "scale",
-                        quant.scale_shape(kind, r.shape)))
+        grouped = group is not None and kind != "embedding"
+        out.append(Rule(r.jt5 + (quant.SCALE,), r.hf + quant.HF_SCALE_SUFFIX,
+                        "group_scale" if grouped else "scale",
+                        quant.scale_shape(kind, r.shape, group)))
     return out

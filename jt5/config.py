@@ -82,6 +82,10 @@ class T5Config:
     # quantised checkpoint stores both (config.json's quantization_config).
     weights: str = "float"
     quantized: tuple = ()
+    # Group-wise scales (jt5/quant.py): one float32 scale per ``quant_group_size`` consecutive
+    # contraction inputs of each output channel instead of one per channel (None); stored too.
+    # The embedding (kind "embedding", also the tied head) keeps one scale per row.
+    quant_group_size: Optional[int] = None
     # Execution (not stored): int8 weights meet int8 activations, quantised per row at run time
     # (jt5.layers.matmul; CTranslate2's int8 scheme: faster on a CPU, less accurate).
     int8_compute: bool = False
@@ -179,6 +183,35 @@ class T5Config:
         if bad:
             raise ValueError(f"quantized={self.quantized!r}: unknown layer kinds {bad}; known: "
                              f"{QUANT_KINDS}")
+        self._check_group_size()
+
+    def _check_group_size(self):
+        g = self.quant_group_size
+        if g is None:
+            return
+        if isinstance(g, bool) or not isinstance(g, int) or g < 1:
+            raise ValueError(f"quant_group_size={g!r} must be a positive integer (or None: one "
+                             f"scale per output channel)")
+        if self.weights == "float":
+            raise ValueError(f"quant_group_size={g} applies to quantised weights only; pass "
+                             f"weights='int8' or 'fp8' with it")
+        if self.int8_compute:
+            raise ValueError(f"int8_compute=True needs one scale per output channel (its int8 x "
+                             f"int8 -> int32 product is scaled after the sum); drop "
+                             f"quant_group_size={g} or int8_compute")
+        D, F, NH = self.d_model, self.d_ff, self.num_heads * self.d_kv
+        wi = "wi_0" if self.is_gated else "wi"
+        # kind -> (the first such parameter's path, its shape, its contraction size)
+        shapes = {"mlp_in": (f"mlp/{wi}", (D, F), D), "mlp_out": ("mlp/wo", (F, D), F),
+                  "attn_qkv": ("self_attn/q", (D, self.num_heads, self.d_kv), D),
+                  "attn_out": ("self_attn/o", (self.num_heads, self.d_kv, D), NH)}
+        for kind in self.quantized_kinds:
+            if kind in shapes and shapes[kind][2] % g:
+                path, shape, k = shapes[kind]
+                raise ValueError(
+                    f"quant_group_size={g} does not divide encoder/layers/0/{path} {list(shape)} "
+                    f"(and every {kind} weight): its contraction size {k} is not a multiple of "
+                    f"{g}; pick a group size that divides it, or leave {kind} out of quantized")
 
     @property
     def quantized_kinds(self) -> tuple:

@@ -158,10 +158,12 @@ def load(path, cls=None, *, dtype: Optional[str] = None, param_dtype: Optional[s
         cls = cls or saved_class(src)
         return weights.load_native(src.path, cls, shardings=shardings, **overrides)
     from jt5.train.checkpoint import load_model_from_run
-    q = {k: overrides.pop(k) for k in ("weights", "quantized") if k in overrides}
+    q = {k: overrides.pop(k) for k in ("weights", "quantized", "quant_group_size")
+         if k in overrides}
     model = load_model_from_run(src.path, cls or saved_class(src),
                                 shardings=shardings, **overrides)
     if q.get("weights") is None:
         return model
     return weights.requantize(model, weights=q["weights"], quantized=q.get("quantized") or (),
+                              quant_group_size=q.get("quant_group_size"),
                               shardings=shardings)

@@ -29,12 +29,22 @@ def param(rngs: nnx.Rngs, shape, axes, *, std: float | None, dtype) -> nnx.Param
 class QuantizedWeight(nnx.Module):
     """A matmul weight stored as int8 / float8_e4m3fn (``qweight``, the float weight's shape and
     logical axes) with one float32 ``scale`` per output channel (its trailing ``n_out`` axes):
-    ``w = qweight * scale`` (``jt5/quant.py``)."""
+    ``w = qweight * scale`` (``jt5/quant.py``); with ``group_size``, one per ``group_size``
+    consecutive (flattened) contraction inputs of each channel, ``scale [K / G, O...]``. The
+    group axis takes the logical axis of the weight's first contraction axis: on a mesh it is
+    split as the weight's rows are (the same rows per shard), or replicated where the mesh does
+    not divide it (``jt5.sharding.logical_to_spec``)."""
 
-    def __init__(self, w, axes, kind: str, fmt: str, int8_compute: bool = False):
+    def __init__(self, w, axes, kind: str, fmt: str, int8_compute: bool = False,
+                 group_size: int | None = None):
         self.int8_compute = int8_compute  # static: the product's kind, not a parameter
-        q, s = quant.quantize_as(kind, w, fmt, xp=jnp)
+        self.group_size = None if kind == "embedding" else group_size  # static; embedding: rows
+        if int8_compute and self.group_size is not None:
+            raise ValueError("int8_compute needs one scale per output channel, not group-wise")
+        q, s = quant.quantize_as(kind, w, fmt, xp=jnp, group=self.group_size)
         scale_axes = axes[:1] if kind == "embedding" else axes[-quant.out_ndim(kind):]
+        if self.group_size is not None:
+            scale_axes = (axes[0],) + tuple(scale_axes)
         self.qweight = nnx.Param(q, out_sharding=tuple(axes), eager_sharding=False)
         self.scale = nnx.Param(s, out_sharding=tuple(scale_axes), eager_sharding=False)
 
@@ -45,7 +55,8 @@ def weight(rngs: nnx.Rngs, shape, axes, *, std: float, config: T5Config, kind: s
     p = param(rngs, shape, axes, std=std, dtype=jnp.dtype(config.param_dtype))
     if kind not in config.quantized_kinds:
         return p
-    return QuantizedWeight(p[...], axes, kind, config.weights, int8_compute=config.int8_compute)
+    return QuantizedWeight(p[...], axes, kind, config.weights, int8_compute=config.int8_compute,
+                           group_size=config.quant_group_size)
 
 
 def _projection(eq: str):
@@ -94,7 +105,12 @@ def matmul(eq: str, x, w, *, dtype, out_dtype=None):
     instead: each row of ``x`` (its leading two axes are batch and length, the rest are
     contracted) is quantised by its own absmax / 127, the product is int8 x int8 -> int32 and
     both scales apply after (CTranslate2's int8 scheme: 2-4x faster dots than float32 on a
-    CPU, at the cost of the activations' rounding)."""
+    CPU, at the cost of the activations' rounding).
+
+    With group-wise scales (``QuantizedWeight.group_size``) the weight is dequantised first:
+    ``qweight [K, O]`` (its contraction axes, which lead, flattened) as ``[K / G, G, O]`` times
+    ``scale [K / G, 1, O]`` in float32, rounded once to ``dtype`` (XLA fuses it into the
+    weight's conversion), then one product with no scale after."""
     x = x.astype(dtype)
     if isinstance(w, QuantizedWeight) and w.int8_compute:
         xf = x.astype(jnp.float32)
@@ -104,6 +120,12 @@ def matmul(eq: str, x, w, *, dtype, out_dtype=None):
         y = einsum(eq, xq, w.qweight[...], preferred_element_type=jnp.int32)
         sx = sx.reshape(sx.shape[:2] + (1,) * (y.ndim - 2))
         return (y.astype(jnp.float32) * sx * w.scale[...]).astype(out_dtype or dtype)
+    if isinstance(w, QuantizedWeight) and w.group_size is not None:
+        q, s = w.qweight[...], w.scale[...]
+        kg, o = s.shape[0], math.prod(s.shape[1:])
+        wd = (q.reshape(kg, -1, o).astype(jnp.float32) * s.reshape(kg, 1, o)).reshape(q.shape)
+        y = einsum(eq, x, wd.astype(dtype), preferred_element_type=jnp.float32)
+        return y.astype(out_dtype or dtype)
     if isinstance(w, QuantizedWeight):
         y = einsum(eq, x, w.qweight[...].astype(dtype), preferred_element_type=jnp.float32)
         return (y * w.scale[...]).astype(out_dtype or dtype)

@@ -43,6 +43,8 @@ def config_with(config: T5Config, *, dtype=None, param_dtype=None, attention=Non
     unless ``param_dtype`` is given, the parameter dtype; ``None`` (anywhere) keeps what is
     stored."""
     overrides = {k: v for k, v in overrides.items() if v is not None}
+    if overrides.get("weights") == "float":  # a quantised checkpoint read as float: no groups
+        overrides.setdefault("quant_group_size", None)
     if dtype is not None:
         overrides.update(dtype=dtype, param_dtype=param_dtype or dtype)
     elif param_dtype is not None:
@@ -207,18 +209,25 @@ def load_native(path, cls, *, shardings=None, **config_overrides):
     ``config_overrides`` as for ``config_with``."""
     config, _ = native.read_meta(path)
     want = config_with(config, **config_overrides)
-    stored = want.replace(weights=config.weights, quantized=config.quantized)  # what orbax holds
+    stored = want.replace(weights=config.weights, quantized=config.quantized,  # what orbax holds
+                          quant_group_size=config.quant_group_size)
     graphdef, abstract = nnx.split(abstract_model(stored, cls))
     model = fill(graphdef, abstract, native.read_params(path, restore_targets(abstract, shardings)))
-    return requantize(model, weights=want.weights, quantized=want.quantized, shardings=shardings)
+    return requantize(model, weights=want.weights, quantized=want.quantized,
+                      quant_group_size=want.quant_group_size, shardings=shardings)
 
 
-def requantize(model, *, weights: str, quantized: tuple = (), shardings=None):
+def requantize(model, *, weights: str, quantized: tuple = (), quant_group_size=None,
+               shardings=None):
     """``model`` with its matmul weights stored as ``weights`` ("int8" | "fp8" | "float") for
-    the layer kinds ``quantized`` (``()``: the format's default; ``jt5/quant.py``), a new model
-    built tensor by tensor. ``shardings`` as for ``load_hf``."""
-    config = model.config.replace(weights=weights, quantized=tuple(quantized))
-    if config.quantized_kinds == model.config.quantized_kinds:
+    the layer kinds ``quantized`` (``()``: the format's default; ``jt5/quant.py``), with
+    ``quant_group_size`` (None: per-channel scales), a new model built tensor by tensor.
+    ``shardings`` as for ``load_hf``."""
+    config = model.config.replace(weights=weights, quantized=tuple(quantized),
+                                  quant_group_size=None if weights == "float" else quant_group_size)
+    if (config.quantized_kinds == model.config.quantized_kinds
+            and (not config.quantized_kinds
+                 or config.quant_group_size == model.config.quant_group_size)):
         return model
     graphdef, abstract = nnx.split(abstract_model(config, type(model)))
     flat = dict(nnx.to_flat_state(abstract))
