@@ -56,7 +56,7 @@ def bucket_length(n: int) -> int:
     return -(-n // 64) * 64
 
 
-def _load(model_or_path, dtype, attention, weights, int8_compute):
+def _load(model_or_path, dtype, attention, weights, int8_compute, quant_group_size=None):
     from jt5 import formats
     from jt5.model import T5EncoderModel
     if isinstance(model_or_path, nnx.Module):
@@ -65,11 +65,13 @@ def _load(model_or_path, dtype, attention, weights, int8_compute):
                              "model with int8_compute=True")
         if weights is not None:
             from jt5.weights import requantize
-            model_or_path = requantize(model_or_path, weights=weights)
+            model_or_path = requantize(model_or_path, weights=weights,
+                                       quant_group_size=quant_group_size)
         return model_or_path, None
     src = formats.locate(model_or_path)
     model = formats.load(src.path, T5EncoderModel, dtype=dtype, attention=attention,
-                         weights=weights, int8_compute=int8_compute or None)
+                         weights=weights, int8_compute=int8_compute or None,
+                         quant_group_size=quant_group_size)
     return model, src.tokenizer
 
 
@@ -95,7 +97,7 @@ def embed(model_or_path, texts: Sequence[str], *, pooling: Optional[str] = None,
           use_attention_mask: bool = True, zero_padding: Optional[bool] = None,
           dtype: Optional[str] = None, output_dtype: str = "float32",
           weights: Optional[str] = None, int8_compute: bool = False,
-          attention: Optional[str] = None, devices=None,
+          quant_group_size: Optional[int] = None, attention: Optional[str] = None, devices=None,
           mesh=None, progress: bool = False) -> Embeddings:
     """Embed ``texts`` with the encoder of ``model_or_path``; see the module docstring.
 
@@ -110,7 +112,8 @@ def embed(model_or_path, texts: Sequence[str], *, pooling: Optional[str] = None,
     ``dtype``: compute dtype (default bfloat16 on a GPU, float32 on CPU); ``output_dtype``: the
     returned arrays' (bfloat16 comes straight from a bfloat16 encoder). ``weights``: "int8" /
     "fp8" quantise the encoder's matmul weights as it loads (``jt5/quant.py``; ``int8_compute``:
-    int8 activations too). ``devices``
+    int8 activations too; ``quant_group_size``: one scale per that many inputs of each output
+    channel instead of one per channel). ``devices``
     (default all local) or ``mesh`` (``jt5.sharding.make_mesh``, e.g. ``"fsdp=4,tensor=2"``);
     ``batch_size`` is rounded up to a multiple of the rows' split.
     """
@@ -149,7 +152,8 @@ def embed(model_or_path, texts: Sequence[str], *, pooling: Optional[str] = None,
         raise ValueError("pass devices or mesh, not both")
     if dtype is None and not isinstance(model_or_path, nnx.Module):
         dtype = "float32" if jax.default_backend() == "cpu" else "bfloat16"
-    model, found = _load(model_or_path, dtype, attention, weights, int8_compute)
+    model, found = _load(model_or_path, dtype, attention, weights, int8_compute,
+                         quant_group_size)
     if not isinstance(tokenizer, Tokenizer):
         spec = tokenizer or found
         if spec is None:

@@ -296,3 +296,23 @@ def test_group_rounding_error_is_smaller_than_per_channel():
         assert s.shape == (32, 256)
         grouped = np.sqrt(np.mean((quant.dequantize(q, s, "mlp_in") - w) ** 2))
         assert grouped < most * per_channel, (fmt, grouped, per_channel)
+
+
+def test_cli_quant_group_size(byt5_dir, tmp_path, capsys):
+    """``jt5 embed --weights int8 --quant-group-size G`` is ``jt5.embed(..., quant_group_size=G)``;
+    a group size the widths or ``--int8-compute`` rule out is one error line."""
+    from jt5 import cli
+    from tests.test_cli import assert_one_error_line, run
+    txt = tmp_path / "t.txt"
+    txt.write_text("hello there\nshort\n")
+    base = ["embed", "--model", str(byt5_dir), "--no-progress", str(txt), "--weights", "int8"]
+    assert cli.main(base + ["--quant-group-size", str(GROUP), "--output",
+                            str(tmp_path / "g.npy")]) == 0
+    want = jt5.embed(byt5_dir, ["hello there", "short"], weights="int8", quant_group_size=GROUP)
+    np.testing.assert_array_equal(np.load(tmp_path / "g.npy"), want.embeddings)
+    capsys.readouterr()
+    code, _, err = run(base + ["--quant-group-size", "8", "--int8-compute", "--output",
+                               str(tmp_path / "x.npy")], capsys)
+    assert_one_error_line(code, err, "int8_compute=True needs one scale per output channel")
+    code, _, err = run(base + ["--quant-group-size", "0", "--output", "x.npy"], capsys)
+    assert_one_error_line(code, err, "--quant-group-size", "must be >= 1")

@@ -92,12 +92,18 @@ def add_text_input(p: argparse.ArgumentParser, what: str, blank: str):
 
 
 def add_weights(p: argparse.ArgumentParser, which: str):
-    """``--weights`` / ``--int8-compute``: weight-only quantisation as the model loads
-    (``jt5/quant.py``)."""
+    """``--weights`` / ``--int8-compute`` / ``--quant-group-size``: weight-only quantisation as
+    the model loads (``jt5/quant.py``)."""
     from jt5.config import WEIGHT_FORMATS
     p.add_argument("--weights", choices=WEIGHT_FORMATS, default=None,
                    help=f"quantise the matmul weights ({which}) as the model loads: int8 / fp8, "
-                        "one scale per output channel (default: as stored)")
+                        "one scale per output channel, or per --quant-group-size inputs of "
+                        "each (default: as stored)")
     p.add_argument("--int8-compute", action="store_true",
                    help="with int8 weights, quantise each row of the activations too and run "
                         "int8 x int8 products (CTranslate2's int8: faster on a CPU, less exact)")
+    p.add_argument("--quant-group-size", type=POSITIVE, default=None, metavar="G",
+                   help="with --weights int8 / fp8: one scale per G consecutive inputs of each "
+                        "output channel (e.g. 128; must divide d_model, d_ff and heads x d_kv; "
+                        "less rounding error, 4/G bytes more per weight) instead of one per "
+                        "channel; not with --int8-compute (default: as stored)")

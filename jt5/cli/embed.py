@@ -79,7 +79,7 @@ def run(args) -> int:
             use_attention_mask=not args.no_attention_mask,
             zero_padding=False if args.keep_padding_states else None, dtype=args.dtype,
             output_dtype=args.output_dtype, weights=args.weights,
-            int8_compute=args.int8_compute, mesh=mesh,
+            int8_compute=args.int8_compute, quant_group_size=args.quant_group_size, mesh=mesh,
             progress=not args.no_progress)
     except FileNotFoundError as e:
         raise ValueError(f"--model {e}") from e

@@ -174,7 +174,8 @@ def run(args) -> int:
             raise ValueError(f"--mesh {args.mesh}: {e}") from e
     model = formats.load(src.path, T5ForConditionalGeneration, dtype=args.dtype,
                          attention=args.attention, weights=args.weights,
-                         int8_compute=args.int8_compute or None)
+                         int8_compute=args.int8_compute or None,
+                         quant_group_size=args.quant_group_size)
     try:
         resolve_config(model, **kw)  # fail before any work, naming the flag
     except (ValueError, TypeError) as e:

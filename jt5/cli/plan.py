@@ -122,13 +122,15 @@ def run(args) -> int:
                                length=args.length or 512, mesh=args.mesh, dtype=args.dtype,
                                attention=args.attention, weights=args.weights,
                                int8_compute=args.int8_compute,
+                               quant_group_size=args.quant_group_size,
                                **_job("generate").options(args, task), **common)
     else:
         result = plan.embed(args.model, target, batch_size=args.batch_size,
                             length=args.length or args.max_length or 512,
                             pooling=args.pooling or "mean", dtype=args.dtype,
                             attention=args.attention, weights=args.weights,
-                            int8_compute=args.int8_compute, mesh=args.mesh, **common)
+                            int8_compute=args.int8_compute,
+                            quant_group_size=args.quant_group_size, mesh=args.mesh, **common)
     print(plan.format_table(result), flush=True)
     if args.json:
         text = json.dumps(result.to_json(), indent=1) + "\n"

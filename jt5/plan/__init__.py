@@ -67,13 +67,14 @@ def generate(model, gpus: Target, *, batch_size: int = 16, length: int = 512,
              mesh: Optional[str] = None, dtype: Optional[str] = None,
              attention: Optional[str] = None, layers: Optional[int] = None,
              weights: Optional[str] = None, int8_compute: Optional[bool] = None,
-             fraction: Optional[float] = None, **options) -> Plan:
+             quant_group_size: Optional[int] = None, fraction: Optional[float] = None, **options) -> Plan:
     """Plan of ``jt5 generate`` over ``batch_size`` prompts of ``length`` tokens; ``options``:
     generation settings (``num_beams``, ``max_new_tokens``, ... as ``jt5.generate``)."""
     def build(override):
         return jobs.generate(model, gpus, batch_size=batch_size, length=length, mesh=mesh,
                              dtype=dtype, attention=override or attention, options=options,
-                             layers=layers, weights=weights, int8_compute=int8_compute)
+                             layers=layers, weights=weights, int8_compute=int8_compute,
+                             quant_group_size=quant_group_size)
     auto = attention in (None, "auto") and jobs.base_config(model).attention == "auto"
     return make_plan(build, gpus, auto=auto, fraction=fraction)
 
@@ -81,12 +82,13 @@ def generate(model, gpus: Target, *, batch_size: int = 16, length: int = 512,
 def embed(model, gpus: Target, *, batch_size: int = 32, length: int = 512,
           pooling: str = "mean", dtype: Optional[str] = None, attention: Optional[str] = None,
           layers: Optional[int] = None, weights: Optional[str] = None,
-          int8_compute: Optional[bool] = None, mesh: Optional[str] = None,
-          fraction: Optional[float] = None) -> Plan:
+          int8_compute: Optional[bool] = None, quant_group_size: Optional[int] = None,
+          mesh: Optional[str] = None, fraction: Optional[float] = None) -> Plan:
     """Plan of ``jt5 embed``: the encoder and pooling over ``batch_size`` rows of ``length``."""
     def build(override):
         return jobs.embed(model, gpus, batch_size=batch_size, length=length, pooling=pooling,
                           dtype=dtype, attention=override or attention, layers=layers,
-                          weights=weights, int8_compute=int8_compute, mesh=mesh)
+                          weights=weights, int8_compute=int8_compute,
+                          quant_group_size=quant_group_size, mesh=mesh)
     auto = attention in (None, "auto") and jobs.base_config(model).attention == "auto"
     return make_plan(build, gpus, auto=auto, fraction=fraction)

@@ -162,7 +162,8 @@ def _generation_defaults(model):
 def generate(model: str, target: Target, *, batch_size: int, length: int, mesh: Optional[str],
              dtype: Optional[str], attention: Optional[str], options: dict,
              layers: Optional[int] = None, weights: Optional[str] = None,
-             int8_compute: Optional[bool] = None) -> Program:
+             int8_compute: Optional[bool] = None,
+             quant_group_size: Optional[int] = None) -> Program:
     """``jt5 generate``'s compiled loop for ``batch_size`` prompts of ``length`` tokens with the
     generation ``options`` (the job's flags; the checkpoint's generation config under them)."""
     from jt5 import generate as gen
@@ -172,7 +173,8 @@ def generate(model: str, target: Target, *, batch_size: int, length: int, mesh: 
 
     cfg = with_layers(config_with(base_config(model), dtype=dtype,
                                   attention=gpu_attention(attention), weights=weights,
-                                  int8_compute=int8_compute or None), layers)
+                                  int8_compute=int8_compute or None,
+                                  quant_group_size=quant_group_size), layers)
     cfg = cfg.replace(attention=gpu_attention(cfg.attention))
     abstract = abstract_model(cfg, T5ForConditionalGeneration)
     abstract.generation_config = _generation_defaults(model)
@@ -232,7 +234,7 @@ def generate(model: str, target: Target, *, batch_size: int, length: int, mesh: 
 def embed(model: str, target: Target, *, batch_size: int, length: int, pooling: str,
           dtype: Optional[str], attention: Optional[str], layers: Optional[int] = None,
           weights: Optional[str] = None, int8_compute: Optional[bool] = None,
-          mesh: Optional[str] = None) -> Program:
+          quant_group_size: Optional[int] = None, mesh: Optional[str] = None) -> Program:
     """``jt5 embed``'s encoder and pooling over ``batch_size`` rows of ``length`` tokens (the
     bucket it pads them to), placed as the job places them: rows over ``data`` x ``fsdp`` of
     ``mesh`` (default: ``data`` over every device), weights by ``jt5.sharding``'s rules."""
@@ -243,7 +245,8 @@ def embed(model: str, target: Target, *, batch_size: int, length: int, pooling: 
 
     cfg = with_layers(config_with(base_config(model), dtype=dtype or GPU_DEFAULT_DTYPE,
                                   attention=gpu_attention(attention), weights=weights,
-                                  int8_compute=int8_compute or None), layers)
+                                  int8_compute=int8_compute or None,
+                                  quant_group_size=quant_group_size), layers)
     cfg = cfg.replace(attention=gpu_attention(cfg.attention))
     devices = target.devices
     try:
@@ -269,7 +272,8 @@ def embed(model: str, target: Target, *, batch_size: int, length: int, pooling: 
             f"{T} tokens, "
             f"pooling {pooling}, {cfg.dtype}, attention {cfg.attention}, "
             f"encoder {cfg.encoder_attention_type}"
-            + (f", {cfg.weights} weights" if cfg.weights != "float" else ""))
+            + (f", {cfg.weights} weights" if cfg.weights != "float" else "")
+            + (f" (groups of {cfg.quant_group_size})" if cfg.quant_group_size else ""))
     return Program("embed", what, dict(grid.shape), lower, param_bytes=shard_bytes(params),
                    optimizer_bytes=0, flops=flops_lib.encoder_forward(cfg, B, T), config=cfg,
                    knobs=dict(batch_size=B, attention=cfg.attention, devices=len(devices)))
