@@ -8,9 +8,10 @@ d_model 4096, d_ff 10240, 64 heads of 64, with ``--layers`` layers; layer-norm s
 built by ``bf16_accuracy.py``) is the float32 reference. jt5 then loads the same directory as
 float32, bfloat16, and with its matmul weights quantised at load (``weights="int8" | "fp8"``):
 all four layer kinds (the default), and each kind alone (which kinds can be quantised without
-losing accuracy). Printed per row: quantiles of ``|out - transformers float32|`` over every
-output element, the bytes of the encoder's weights (the embedding table excluded: it is the same
-in every row), and the time of one forward (min / median / max of ``--repeats`` after a warm-up;
+losing accuracy); int8 and fp8 also with group-wise scales (``quant_group_size``, one scale
+per ``--group-size`` inputs of each output channel, default 128; 0: no such rows). Printed per row: quantiles of ``|out - transformers float32|`` over every
+output element, the bytes of the encoder's weights (scales included; the embedding table
+excluded: it is the same in every row), and the time of one forward (min / median / max of ``--repeats`` after a warm-up;
 CPU: only ratios within this run mean anything); transformers' float32 and bfloat16 forwards
 are timed beside them.
 
@@ -49,7 +50,8 @@ def _times(fn, repeats):
     return dict(min=min(out), median=statistics.median(out), max=max(out))
 
 
-def jt5_row(model_dir, ids, ref, *, dtype, weights, kinds, repeats, int8_compute=False):
+def jt5_row(model_dir, ids, ref, *, dtype, weights, kinds, repeats, int8_compute=False,
+            group=None):
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -59,7 +61,8 @@ def jt5_row(model_dir, ids, ref, *, dtype, weights, kinds, repeats, int8_compute
     from jt5 import quant
     enc = jt5.T5EncoderModel.from_pretrained(model_dir, dtype=dtype, attention="xla",
                                              weights=weights, quantized=kinds,
-                                             int8_compute=int8_compute or None)
+                                             int8_compute=int8_compute or None,
+                                             quant_group_size=group)
     fwd = nnx.jit(lambda m, x: m(x))
     x = jnp.asarray(ids, jnp.int32)
     y = np.asarray(jax.block_until_ready(fwd(enc, x)), np.float64)
@@ -121,6 +124,9 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     p.add_argument("--no-per-kind", action="store_true", help="skip the one-kind-at-a-time rows")
     p.add_argument("--no-hf", action="store_true", help="skip transformers' timing rows")
+    p.add_argument("--group-size", type=int, default=128,
+                   help="the int8 / fp8 rows again with one scale per this many inputs of each "
+                        "output channel (quant_group_size; default 128; 0: none)")
     p.add_argument("--rows", default=None,
                    help="only the rows whose label contains one of these, comma-separated")
     p.add_argument("--json", default=None)
@@ -144,16 +150,25 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     from bf16_accuracy import _build, _ids
 
-    # (label, compute dtype, weights, kinds, timed)
-    rows = [("float32", "float32", None, (), True), ("bfloat16", "bfloat16", None, (), True),
-            ("int8 (f32 compute)", "float32", "int8", (), True),
-            ("int8 (bf16 compute)", "bfloat16", "int8", (), True),
-            ("int8 + int8 activations (int8_compute)", "bfloat16", "int8-act", (), True),
-            ("fp8 (f32 compute)", "float32", "fp8", (), True),
-            ("fp8 (bf16 compute)", "bfloat16", "fp8", (), True)]
+    # (label, compute dtype, weights, kinds, timed, group size)
+    g = args.group_size or None
+    rows = [("float32", "float32", None, (), True, None),
+            ("bfloat16", "bfloat16", None, (), True, None),
+            ("int8 (f32 compute)", "float32", "int8", (), True, None),
+            ("int8 (bf16 compute)", "bfloat16", "int8", (), True, None),
+            ("int8 + int8 activations (int8_compute)", "bfloat16", "int8-act", (), True, None),
+            ("fp8 (f32 compute)", "float32", "fp8", (), True, None),
+            ("fp8 (bf16 compute)", "bfloat16", "fp8", (), True, None)]
+    if g:
+        rows += [(f"{fmt} group {g} ({c} compute)", dtype, fmt, (), True, g)
+                 for fmt in ("int8", "fp8") for c, dtype in (("f32", "float32"),
+                                                             ("bf16", "bfloat16"))]
     if not args.no_per_kind:
-        rows += [(f"{fmt} {kind} only (bf16 compute)", "bfloat16", fmt, (kind,), False)
+        rows += [(f"{fmt} {kind} only (bf16 compute)", "bfloat16", fmt, (kind,), False, None)
                  for fmt in ("int8", "fp8") for kind in KINDS]
+        if g:
+            rows += [(f"int8 group {g} {kind} only (bf16 compute)", "bfloat16", "int8", (kind,),
+                      False, g) for kind in KINDS]
     if args.rows:
         rows = [r for r in rows if any(s in r[0] for s in args.rows.split(","))]
     out = []
@@ -168,13 +183,13 @@ def main(argv=None) -> int:
         print("| run | p50 | p99 | p99.9 | p99.99 | max | layer weights MB | s min / median / "
               "max |")
         print("|---|---|---|---|---|---|---|---|")
-        for label, dtype, weights, kinds, timed in rows:
+        for label, dtype, weights, kinds, timed, group in rows:
             act = weights == "int8-act"
             weights = "int8" if act else weights
             r = jt5_row(model_dir, ids, ref, dtype=dtype, weights=weights, kinds=kinds,
-                        repeats=args.repeats if timed else 0, int8_compute=act)
+                        repeats=args.repeats if timed else 0, int8_compute=act, group=group)
             r.update(run=f"jt5 {label}", dtype=dtype, weights=weights or "float",
-                     kinds=list(kinds))
+                     kinds=list(kinds), quant_group_size=group)
             out.append(r)
             q = " | ".join(f"{v:.3e}" for v in r["quantiles"].values())
             t = ("" if r["times"] is None else
