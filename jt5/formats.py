@@ -162,8 +162,9 @@ def load(path, cls=None, *, dtype: Optional[str] = None, param_dtype: Optional[s
          if k in overrides}
     model = load_model_from_run(src.path, cls or saved_class(src),
                                 shardings=shardings, **overrides)
-    if q.get("weights") is None:
+    if q.get("weights") is None and q.get("quant_group_size") is None:
         return model
-    return weights.requantize(model, weights=q["weights"], quantized=q.get("quantized") or (),
+    return weights.requantize(model, weights=q.get("weights") or model.config.weights,
+                              quantized=q.get("quantized") or (),
                               quant_group_size=q.get("quant_group_size"),
                               shardings=shardings)
