@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 
 import jt5
-from jt5 import embeddings
 from tests.conftest import assert_close
 
 # Lengths spread over several buckets (16, 32, 64) and unsorted, so order must be restored.

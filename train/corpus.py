@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import ast
 import hashlib
-import json
 import os
 import sys
 import sysconfig

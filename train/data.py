@@ -584,8 +584,8 @@ def _main(argv=None):
                    help="time examples/s through iterate() with this many data processes")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO)
-    print(f"| objective, inputs / targets | min_chunk | fill encoder | fill decoder | examples/row "
-          f"| mixture error | chunk fraction per denoiser | examples/s |\n|---|---|---|---|---|---|---|---|")
+    print("| objective, inputs / targets | min_chunk | fill encoder | fill decoder | examples/row "
+          "| mixture error | chunk fraction per denoiser | examples/s |\n|---|---|---|---|---|---|---|---|")
     for shape in args.shapes:
         mixture, _, lengths = shape.partition(":")
         L_in, _, L_tgt = lengths.partition("/")
