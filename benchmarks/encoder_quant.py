@@ -9,11 +9,12 @@ built by ``bf16_accuracy.py``) is the float32 reference. jt5 then loads the same
 float32, bfloat16, and with its matmul weights quantised at load (``weights="int8" | "fp8"``):
 all four layer kinds (the default), and each kind alone (which kinds can be quantised without
 losing accuracy); int8 and fp8 also with group-wise scales (``quant_group_size``, one scale
-per ``--group-size`` inputs of each output channel, default 128; 0: no such rows). Printed per row: quantiles of ``|out - transformers float32|`` over every
-output element, the bytes of the encoder's weights (scales included; the embedding table
-excluded: it is the same in every row), and the time of one forward (min / median / max of ``--repeats`` after a warm-up;
-CPU: only ratios within this run mean anything); transformers' float32 and bfloat16 forwards
-are timed beside them.
+per ``--group-size`` inputs of each output channel, default 128; 0: no such rows). Printed per
+row: quantiles of ``|out - transformers float32|`` over every output element, the bytes of the
+encoder's weights (scales included; the embedding table excluded: it is the same in every row),
+and the time of one forward (min / median / max of ``--repeats`` after a warm-up; CPU: only
+ratios within this run mean anything); transformers' float32 and bfloat16 forwards are timed
+beside them.
 
     python benchmarks/encoder_quant.py --speed --preset t5-v1_1-xxl --batch 1,4,16   # a GPU
 
