@@ -39,8 +39,6 @@ class QuantizedWeight(nnx.Module):
                  group_size: int | None = None):
         self.int8_compute = int8_compute  # static: the product's kind, not a parameter
         self.group_size = None if kind == "embedding" else group_size  # static; embedding: rows
-        if int8_compute and self.group_size is not None:
-            raise ValueError("int8_compute needs one scale per output channel, not group-wise")
         q, s = quant.quantize_as(kind, w, fmt, xp=jnp, group=self.group_size)
         scale_axes = axes[:1] if kind == "embedding" else axes[-quant.out_ndim(kind):]
         if self.group_size is not None:

@@ -132,21 +132,45 @@ def run(cfg: FinetuneConfig, *, on_step: Optional[Callable[[int, dict], None]] =
     if cfg.eval_every and not s["eval"]:
         log.warning("--eval-every %d without an eval split (--eval-data / --eval-fraction): "
                     "evaluation is off", cfg.eval_every)
-    if cfg.keep_best and not (cfg.eval_every and s["eval"]):
+    _check_keep_best(cfg, s["eval"])
+    trainer = Trainer(cfg, mcfg, mesh, pcfg, kind="finetune", data_text=_data_text(cfg, data))
+
+    def eval_line(metrics):
+        return {"eval_loss": _token_mean(metrics, "loss"),
+                "eval_accuracy": _token_mean(metrics, "accuracy")}
+
+    def finish(hf_dir):
+        if data.eval.inputs and cfg.eval_generate:
+            return evaluate_generation(hf_dir, data, trainer.out / "eval.jsonl", cfg)
+        return None
+
+    return _train_and_export(cfg, trainer, data, tokenizer, T5ForConditionalGeneration,
+                             eval_line, finish, on_step)
+
+
+def _check_keep_best(cfg: FinetuneConfig, n_eval: int) -> None:
+    if cfg.keep_best and not (cfg.eval_every and n_eval):
         raise ValueError("--keep-best needs --eval-every N and an eval split "
                          "(--eval-data or --eval-fraction)")
-    trainer = Trainer(cfg, mcfg, mesh, pcfg, kind="finetune", data_text=_data_text(cfg, data))
+
+
+def _token_mean(metrics: list, key: str) -> float:
+    """``key`` over the eval batches' metrics, weighted by their target tokens."""
+    w = [float(m["target_tokens"]) for m in metrics]
+    return sum(float(m[key]) * wi for m, wi in zip(metrics, w)) / max(sum(w), 1.0)
+
+
+def _train_and_export(cfg: FinetuneConfig, trainer: Trainer, data, tokenizer, model_cls,
+                      eval_line: Callable[[list], dict], finish: Callable[[Path], Optional[dict]],
+                      on_step) -> FinetuneResult:
+    """What ``run`` and ``run_head`` share after their data: train with an eval line every
+    ``eval_every`` steps (``eval_line``: the eval batches' metrics -> ``eval_*``; keep-best on
+    ``eval_loss``), export (the best checkpoint with ``keep_best``) and ``finish`` on the export."""
     best_dir = trainer.out / BEST
     eval_batches = [trainer.local_rows(b) for b in data.eval_rows()]
 
     def evaluate(step, params):
-        tot = collections.Counter()
-        for local in eval_batches:
-            m = trainer.eval_step(params, local)
-            w = float(m["target_tokens"])
-            tot.update(loss=float(m["loss"]) * w, correct=float(m["accuracy"]) * w, weight=w)
-        line = {"eval_loss": tot["loss"] / max(tot["weight"], 1.0),
-                "eval_accuracy": tot["correct"] / max(tot["weight"], 1.0)}
+        line = eval_line([trainer.eval_step(params, local) for local in eval_batches])
         if cfg.keep_best:
             keep_if_best(trainer.model(params), tokenizer, best_dir, step, line["eval_loss"])
         return line
@@ -157,11 +181,11 @@ def run(cfg: FinetuneConfig, *, on_step: Optional[Callable[[int, dict], None]] =
     if cfg.export:
         model = trainer.model()
         if cfg.keep_best and (best_dir / "best.json").is_file():
-            model = formats.load(best_dir, T5ForConditionalGeneration)
+            model = formats.load(best_dir, model_cls)
             print(f"using the best checkpoint: {read_best(best_dir)}")
         hf_dir = export_hf(model, tokenizer, trainer.out)
-        if hf_dir is not None and data.eval.inputs and cfg.eval_generate:
-            result = evaluate_generation(hf_dir, data, trainer.out / "eval.jsonl", cfg)
+        if hf_dir is not None:
+            result = finish(hf_dir)
     return FinetuneResult(trainer.out, trainer.start, max(trainer.start, cfg.steps), history,
                           result)
 
@@ -304,41 +328,23 @@ def run_head(cfg: FinetuneConfig, *, on_step: Optional[Callable[[int, dict], Non
         log.warning("%d of %d questions have no answer span the input's tokens hold (cut off by "
                     "--inputs-length, or not whole tokens): not trained on", s["unanswerable"],
                     s["train"] + s["eval"])
-    if cfg.keep_best and not (cfg.eval_every and s["eval"]):
-        raise ValueError("--keep-best needs --eval-every N and an eval split "
-                         "(--eval-data or --eval-fraction)")
+    _check_keep_best(cfg, s["eval"])
     task = head_tasks.task(cfg.head)
     trainer = Trainer(cfg, mcfg, mesh, lcfg, kind="finetune", data_text=_labels_text(cfg, data),
                       task=task)
-    best_dir = trainer.out / BEST
-    eval_batches = [trainer.local_rows(b) for b in data.eval_rows()]
 
-    def evaluate(step, params):
-        outputs, tot = [], collections.Counter()
-        for local in eval_batches:
-            m = trainer.eval_step(params, local)
-            w = float(m["target_tokens"])
-            tot.update(loss=float(m["loss"]) * w, weight=w)
-            outputs.append(m)
-        line = {"eval_loss": tot["loss"] / max(tot["weight"], 1.0)}
-        line.update({f"eval_{k}": v for k, v in head_tasks.score(data, outputs)[0].items()})
-        if cfg.keep_best:
-            keep_if_best(trainer.model(params), tokenizer, best_dir, step, line["eval_loss"])
+    def eval_line(metrics):
+        line = {"eval_loss": _token_mean(metrics, "loss")}
+        line.update({f"eval_{k}": v for k, v in head_tasks.score(data, metrics)[0].items()})
         return line
 
-    history = trainer.train(data.iterate(trainer.start),
-                            evaluate=evaluate if eval_batches else None, on_step=on_step)
-    result = None
-    if cfg.export:
-        model = trainer.model()
-        if cfg.keep_best and (best_dir / "best.json").is_file():
-            model = formats.load(best_dir, task.model_cls)
-            print(f"using the best checkpoint: {read_best(best_dir)}")
-        hf_dir = export_hf(model, tokenizer, trainer.out)
-        if hf_dir is not None and data.eval.ids:
-            result = evaluate_predictions(hf_dir, data, trainer.out / "eval.jsonl", cfg)
-    return FinetuneResult(trainer.out, trainer.start, max(trainer.start, cfg.steps), history,
-                          result)
+    def finish(hf_dir):
+        if data.eval.ids:
+            return evaluate_predictions(hf_dir, data, trainer.out / "eval.jsonl", cfg)
+        return None
+
+    return _train_and_export(cfg, trainer, data, tokenizer, task.model_cls, eval_line, finish,
+                             on_step)
 
 
 def evaluate_predictions(hf_dir: Path, data: LabelData, path: Path, cfg: FinetuneConfig) -> dict:

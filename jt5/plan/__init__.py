@@ -67,7 +67,8 @@ def generate(model, gpus: Target, *, batch_size: int = 16, length: int = 512,
              mesh: Optional[str] = None, dtype: Optional[str] = None,
              attention: Optional[str] = None, layers: Optional[int] = None,
              weights: Optional[str] = None, int8_compute: Optional[bool] = None,
-             quant_group_size: Optional[int] = None, fraction: Optional[float] = None, **options) -> Plan:
+             quant_group_size: Optional[int] = None, fraction: Optional[float] = None,
+             **options) -> Plan:
     """Plan of ``jt5 generate`` over ``batch_size`` prompts of ``length`` tokens; ``options``:
     generation settings (``num_beams``, ``max_new_tokens``, ... as ``jt5.generate``)."""
     def build(override):

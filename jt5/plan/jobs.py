@@ -269,8 +269,7 @@ def embed(model: str, target: Target, *, batch_size: int, length: int, pooling: 
             return run.lower(params, ids, ids)
 
     what = (f"embed {_model_name(model)}{_layers_text(layers)}: {B} row{'s' * (B != 1)} x "
-            f"{T} tokens, "
-            f"pooling {pooling}, {cfg.dtype}, attention {cfg.attention}, "
+            f"{T} tokens, pooling {pooling}, {cfg.dtype}, attention {cfg.attention}, "
             f"encoder {cfg.encoder_attention_type}"
             + (f", {cfg.weights} weights" if cfg.weights != "float" else "")
             + (f" (groups of {cfg.quant_group_size})" if cfg.quant_group_size else ""))
